@@ -1,0 +1,44 @@
+# `make test` / `make demo` set everything up on a fresh Debian/Ubuntu machine and are idempotent:
+# the virtual environment is (re)installed only when a requirements file changes.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?= -q
+
+.PHONY: setup test demo ffmpeg bench clean
+
+setup: ffmpeg $(STAMP)
+
+# torchcodec needs FFmpeg's shared libraries: install them when missing and we are root.
+ffmpeg:
+	@if ! ldconfig -p 2>/dev/null | grep -q libavcodec; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing FFmpeg (apt-get)..."; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	  else \
+	    echo "FFmpeg shared libraries are missing: install them (e.g. 'sudo apt-get install ffmpeg') and rerun."; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): requirements_training.txt requirements_test.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements_training.txt -r requirements_test.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m training.demo
+
+bench: setup
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_tokenize.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo_run

@@ -1,0 +1,611 @@
+"""Configuration: dataclass sections, model and dataset presets, file I/O and overrides.
+
+A training run is described by one :class:`Config` with six sections::
+
+    model          ModelConfig          == keyword arguments of ``snac.SNAC.__init__``
+    data           DataConfig           where the audio comes from and how it is cut
+    loss           LossConfig           every loss weight (applied in exactly one place) + spectral settings
+    discriminator  DiscriminatorConfig  MPD periods, STFT discriminator resolutions
+    optim          OptimConfig          AdamW + exponential LR decay
+    train          TrainConfig          run directory, steps, intervals, precision, devices
+
+Defaults are the reference values; each names its source ("paper" = SNAC, arXiv 2410.14411;
+"DAC" = descript-audio-codec ``conf/base.yml``; "ours" = chosen by this toolkit).
+
+Configs come from presets, JSON/YAML files, plain dicts (including the legacy
+``{"model", "training", "data", "paths"}`` layout) and dotted overrides such as
+``optim.lr=3e-4``. Unknown keys and wrong types raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or a value is out of range."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Generator architecture; field names are exactly ``snac.SNAC.__init__``'s kwargs."""
+
+    sampling_rate: int = 24000
+    encoder_dim: int = 48
+    encoder_rates: Tuple[int, ...] = (2, 4, 8, 8)
+    latent_dim: Optional[int] = None  # None: encoder_dim * 2**len(encoder_rates), as snac does
+    decoder_dim: int = 1024
+    decoder_rates: Tuple[int, ...] = (8, 8, 4, 2)
+    attn_window_size: Optional[int] = None
+    codebook_size: int = 4096
+    codebook_dim: int = 8
+    vq_strides: Tuple[int, ...] = (4, 2, 1)
+    noise: bool = True
+    depthwise: bool = True
+
+    @property
+    def hop_length(self) -> int:
+        """Samples per finest-level latent frame (prod(encoder_rates))."""
+        return math.prod(self.encoder_rates)
+
+    @property
+    def pad_multiple(self) -> int:
+        """``SNAC.preprocess`` right-pads inputs to a multiple of this many samples."""
+        return self.hop_length * math.lcm(self.vq_strides[0], self.attn_window_size or 1)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.vq_strides)
+
+    def token_rates(self) -> Tuple[float, ...]:
+        """Tokens per second of each quantizer level, coarsest first (Hz)."""
+        return tuple(self.sampling_rate / (self.hop_length * s) for s in self.vq_strides)
+
+    def bitrate_kbps(self) -> float:
+        """sum(token rates) * log2(codebook_size), in kbit/s."""
+        return sum(self.token_rates()) * math.log2(self.codebook_size) / 1000.0
+
+    def snac_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for ``snac.SNAC(**kwargs)`` (lists, as in SNAC's config.json)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class DataConfig:
+    """Where training audio comes from and how it is cut into training segments."""
+
+    dataset: Optional[str] = None  # a DATASET_CONFIGS preset or a prepared-dataset registry name
+    dataset_path: Optional[str] = None  # hub id, save_to_disk dir, audio folder, LJ Speech folder or manifest
+    config_name: Optional[str] = None  # hub dataset configuration ("en", "clean", ...)
+    split: str = "train"
+    val_split: Optional[str] = None  # None: hold out `val_items` items of `split`
+    val_items: int = 64  # ours: held-out items when there is no validation split
+    streaming: bool = False
+    audio_column: str = "audio"
+    text_column: Optional[str] = None
+    speaker_column: Optional[str] = None
+    segment_seconds: float = 0.8  # paper: ~0.8 s segments; rounded up to the model's pad multiple
+    val_segment_seconds: float = 2.0  # ours: longer, deterministic (first-segment) validation crops
+    batch_size: int = 16  # paper
+    num_workers: int = 4  # ours: DataLoader worker processes per rank
+    shuffle_buffer: int = 2000  # ours: streaming shuffle buffer (items)
+    loudness_db: Optional[float] = None  # ours: None = no normalization; else target RMS dBFS
+    silence_db: float = -60.0  # ours: crops quieter than this RMS (dBFS) are re-drawn
+    max_silence_retries: int = 5  # ours: bounded re-draws before accepting a quiet crop
+    max_failure_fraction: float = 0.5  # ours: abort when more than this fraction of reads fail
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Every loss weight (applied once, in ``losses.GeneratorLoss``) and the spectral-loss settings.
+
+    Log keys equal the weight names: ``mel``, ``stft``, ``adversarial``, ``feature_matching``,
+    ``commitment``, ``codebook``.
+    """
+
+    mel: float = 15.0  # DAC lambdas mel/loss
+    stft: float = 1.0  # ours: multi-resolution STFT loss (DAC defines one but weights it 0)
+    adversarial: float = 1.0  # DAC adv/gen_loss
+    feature_matching: float = 2.0  # DAC adv/feat_loss
+    commitment: float = 0.25  # DAC vq/commitment_loss
+    codebook: float = 1.0  # DAC vq/codebook_loss
+    mel_window_lengths: Tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)  # DAC MelSpectrogramLoss
+    mel_n_mels: Tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)  # DAC MelSpectrogramLoss
+    mel_clamp: float = 1e-5  # DAC clamp_eps
+    mel_fmin: float = 0.0  # DAC
+    mel_fmax: Optional[float] = None  # DAC: None = Nyquist
+    stft_fft_sizes: Tuple[int, ...] = (1024, 2048, 512)  # Parallel WaveGAN multi-resolution STFT loss
+    stft_hop_sizes: Tuple[int, ...] = (120, 240, 50)  # Parallel WaveGAN
+    stft_win_lengths: Tuple[int, ...] = (600, 1200, 240)  # Parallel WaveGAN
+
+
+@dataclass
+class DiscriminatorConfig:
+    periods: Tuple[int, ...] = (2, 3, 5, 7, 11)  # DAC / HiFi-GAN MPD
+    stft_fft_sizes: Tuple[int, ...] = (2048, 1024, 512)  # DAC MRD window lengths
+    stft_hop_factor: float = 0.25  # DAC: hop = fft / 4
+    stft_bands: Tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # DAC band edges (fraction of Nyquist)
+    stft_channels: int = 32  # DAC MRD channels
+    mpd_channels: Tuple[int, ...] = (32, 128, 512, 1024, 1024)  # HiFi-GAN / DAC period discriminator
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # paper
+    betas: Tuple[float, ...] = (0.8, 0.99)  # DAC
+    eps: float = 1e-8  # torch default
+    weight_decay: float = 0.01  # torch AdamW default (DAC does not change it)
+    lr_decay: float = 0.999994  # paper: ExponentialLR gamma, per step, both networks
+    grad_clip: Optional[float] = None  # paper: no clipping; a float clips both networks' grad norm
+    fused: Optional[bool] = None  # ours: None = fused AdamW on CUDA, foreach on CPU
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/snac"
+    log_dir: Optional[str] = None  # None: <run_dir>/logs
+    max_steps: int = 800_000  # paper
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False  # torch.compile the generator and discriminators
+    log_every: int = 50
+    eval_every: int = 1000
+    eval_batches: int = 8
+    checkpoint_every: int = 5000
+    keep_last: int = 3  # numbered checkpoints kept besides latest/best
+    adversarial_start_step: int = 0  # ours: before this the generator ignores the discriminator
+    dead_code_steps: int = 1000  # ours: re-seed codes unused for this many steps; 0 disables
+    max_nonfinite_steps: int = 20  # ours: consecutive skipped (NaN/Inf) steps before stopping
+    init_from: Optional[str] = None  # SNAC directory, hub id or our checkpoint to fine-tune from
+    freeze_encoder: bool = False
+    freeze_quantizer: bool = False
+    resume: bool = True  # resume from <run_dir>/checkpoints/latest.pt when present
+    export_on_end: bool = True
+    num_audio_samples: int = 2  # eval reconstructions written to TensorBoard
+
+
+SECTIONS: Dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "discriminator": DiscriminatorConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        return config_from_dict(d)
+
+    def segment_length(self) -> int:
+        """Training segment in samples, rounded up to the model's pad multiple."""
+        return seconds_to_segment(self.data.segment_seconds, self.model)
+
+    def val_segment_length(self) -> int:
+        return seconds_to_segment(self.data.val_segment_seconds, self.model)
+
+
+def seconds_to_segment(seconds: float, model: ModelConfig) -> int:
+    """Round ``seconds`` up to a whole number of ``model.pad_multiple`` samples (at least one)."""
+    unit = model.pad_multiple
+    return max(1, math.ceil(seconds * model.sampling_rate / unit)) * unit
+
+
+# --------------------------------------------------------------------------------------
+# Model presets (hubertsiuzdak/snac_*/config.json)
+# --------------------------------------------------------------------------------------
+
+MODEL_PRESETS: Dict[str, ModelConfig] = {
+    # hubertsiuzdak/snac_24khz: 19.8M params, 3 levels at 12/23/47 Hz, 0.98 kbps
+    "24khz": ModelConfig(),
+    # hubertsiuzdak/snac_32khz: 54.5M params, 4 levels, 1.9 kbps
+    "32khz": ModelConfig(
+        sampling_rate=32000, encoder_dim=64, encoder_rates=(2, 3, 8, 8), decoder_dim=1536,
+        decoder_rates=(8, 8, 3, 2), attn_window_size=32, vq_strides=(8, 4, 2, 1),
+    ),
+    # hubertsiuzdak/snac_44khz: 54.5M params, 4 levels, 2.6 kbps
+    "44khz": ModelConfig(
+        sampling_rate=44100, encoder_dim=64, encoder_rates=(2, 3, 8, 8), decoder_dim=1536,
+        decoder_rates=(8, 8, 3, 2), attn_window_size=32, vq_strides=(8, 4, 2, 1),
+    ),
+    # ours: the 24 kHz layout (same hop, strides and token rates) at a fraction of the width,
+    # small enough to train for a few hundred steps on a laptop CPU (tests and `make demo`).
+    "tiny": ModelConfig(encoder_dim=8, decoder_dim=64, codebook_size=256),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    """Look up a model preset by name: ``24khz``/``snac_24khz``, ``32khz``, ``44khz``, ``tiny``."""
+    key = name[len("snac_"):] if name.startswith("snac_") else name
+    if key not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+    return copy.deepcopy(MODEL_PRESETS[key])
+
+
+def create_snac_24khz_config() -> Dict[str, Any]:
+    """``snac.SNAC(**create_snac_24khz_config())`` builds the published 24 kHz speech model."""
+    return model_preset("24khz").snac_kwargs()
+
+
+def create_snac_32khz_config() -> Dict[str, Any]:
+    """``snac.SNAC(**create_snac_32khz_config())`` builds the published 32 kHz music model."""
+    return model_preset("32khz").snac_kwargs()
+
+
+def create_snac_44khz_config() -> Dict[str, Any]:
+    """``snac.SNAC(**create_snac_44khz_config())`` builds the published 44.1 kHz music model."""
+    return model_preset("44khz").snac_kwargs()
+
+
+# --------------------------------------------------------------------------------------
+# Dataset presets (Hugging Face hub)
+# --------------------------------------------------------------------------------------
+
+# Each entry holds DataConfig fields plus the model preset it is meant for. Ids, configuration
+# names, splits and column names are taken from each dataset's card / viewer on huggingface.co.
+DATASET_CONFIGS: Dict[str, Dict[str, Any]] = {
+    # https://huggingface.co/datasets/keithito/lj_speech : one "main" config, one "train" split;
+    # columns id, audio, file, text, normalized_text. Single speaker (no speaker column).
+    "ljspeech": {
+        "dataset_path": "keithito/lj_speech",
+        "config_name": "main",
+        "split": "train",
+        "val_split": None,
+        "streaming": False,
+        "audio_column": "audio",
+        "text_column": "normalized_text",
+        "speaker_column": None,
+        "model_config": "24khz",
+    },
+    # https://huggingface.co/datasets/mozilla-foundation/common_voice_17_0 : one config per
+    # language ("en", ...), splits train/validation/test; columns client_id, path, audio, sentence,
+    # ...; speakers are identified by client_id. Gated: accept the terms and log in first.
+    "common_voice": {
+        "dataset_path": "mozilla-foundation/common_voice_17_0",
+        "config_name": "en",
+        "split": "train",
+        "val_split": "validation",
+        "streaming": True,
+        "audio_column": "audio",
+        "text_column": "sentence",
+        "speaker_column": "client_id",
+        "model_config": "24khz",
+    },
+    # https://huggingface.co/datasets/openslr/librispeech_asr : configs clean/other/all; in
+    # "clean" the splits are train.100, train.360, validation, test; columns file, audio, text,
+    # speaker_id, chapter_id, id.
+    "librispeech": {
+        "dataset_path": "openslr/librispeech_asr",
+        "config_name": "clean",
+        "split": "train.100",
+        "val_split": "validation",
+        "streaming": True,
+        "audio_column": "audio",
+        "text_column": "text",
+        "speaker_column": "speaker_id",
+        "model_config": "24khz",
+    },
+    # https://huggingface.co/datasets/CSTR-Edinburgh/vctk : config "main", one "train" split;
+    # columns speaker_id, audio, file, text, text_id, age, gender, accent, region, comment.
+    "vctk": {
+        "dataset_path": "CSTR-Edinburgh/vctk",
+        "config_name": "main",
+        "split": "train",
+        "val_split": None,
+        "streaming": False,
+        "audio_column": "audio",
+        "text_column": "text",
+        "speaker_column": "speaker_id",
+        "model_config": "24khz",
+    },
+}
+
+
+def dataset_preset(name: str) -> Dict[str, Any]:
+    """DataConfig fields of a dataset preset (without its ``model_config``)."""
+    if name not in DATASET_CONFIGS:
+        raise ConfigError(f"unknown dataset preset {name!r}; expected one of {sorted(DATASET_CONFIGS)}")
+    return {k: v for k, v in DATASET_CONFIGS[name].items() if k != "model_config"}
+
+
+# --------------------------------------------------------------------------------------
+# Building configs
+# --------------------------------------------------------------------------------------
+
+# Flat keyword names accepted by create_training_config (and the legacy dict layout) and the
+# dotted key each one sets.
+ALIASES: Dict[str, str] = {
+    "dataset_path": "data.dataset_path",
+    "batch_size": "data.batch_size",
+    "streaming": "data.streaming",
+    "learning_rate": "optim.lr",
+    "lr_decay": "optim.lr_decay",
+    "num_iterations": "train.max_steps",
+    "max_steps": "train.max_steps",
+    "save_interval": "train.checkpoint_every",
+    "log_interval": "train.log_every",
+    "validation_interval": "train.eval_every",
+    "run_dir": "train.run_dir",
+    "checkpoint_dir": "train.run_dir",
+    "log_dir": "train.log_dir",
+    "seed": "train.seed",
+    "device": "train.device",
+    "segment_length": "data.segment_seconds",  # legacy: seconds
+}
+
+
+def create_training_config(
+    dataset_path: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    streaming: Optional[bool] = None,
+    *,
+    preset: str = "24khz",
+    dataset: Optional[str] = None,
+    overrides: Union[Mapping[str, Any], Iterable[str], None] = None,
+    **kwargs: Any,
+) -> Config:
+    """Build a validated :class:`Config`.
+
+    Args:
+        dataset_path, batch_size, learning_rate, streaming: the common settings by name.
+        preset: model preset (``24khz``, ``32khz``, ``44khz``, ``tiny``).
+        dataset: a DATASET_CONFIGS preset name; its fields fill ``data`` (explicit values win).
+        overrides: dotted overrides, as a mapping (``{"optim.lr": 3e-4}``) or ``key=value`` strings.
+        **kwargs: any name from :data:`ALIASES` (e.g. ``num_iterations``, ``run_dir``).
+    """
+    cfg = Config(model=model_preset(preset))
+    if dataset is not None:
+        apply_dataset_preset(cfg, dataset)
+    named = {"dataset_path": dataset_path, "batch_size": batch_size,
+             "learning_rate": learning_rate, "streaming": streaming, **kwargs}
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key not in ALIASES:
+            raise ConfigError(f"unknown argument {key!r}; expected one of {sorted(ALIASES)} "
+                              "or a dotted key in `overrides`")
+        set_dotted(cfg, ALIASES[key], value)
+    if overrides:
+        apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_dataset_preset(cfg: Config, name: str) -> None:
+    """Fill ``cfg.data`` from a dataset preset (and the model preset it names, if any)."""
+    for key, value in dataset_preset(name).items():
+        set_dotted(cfg, f"data.{key}", value)
+    cfg.data.dataset = name
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Convert a plain dict into a validated Config.
+
+    Accepts this package's layout (``model/data/loss/discriminator/optim/train``) and the legacy
+    layout (``model``, ``training``, ``data`` with ``segment_length`` in seconds, ``paths``).
+    """
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
+    cfg = Config()
+    legacy = {"training", "paths"}
+    for section, values in d.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+        if section in legacy:
+            for key, value in values.items():
+                if key not in ALIASES:
+                    raise ConfigError(f"unknown key {section}.{key}; expected one of {sorted(ALIASES)}")
+                set_dotted(cfg, ALIASES[key], value)
+        elif section in SECTIONS:
+            for key, value in values.items():
+                dotted = ALIASES["segment_length"] if (section, key) == ("data", "segment_length") else f"{section}.{key}"
+                set_dotted(cfg, dotted, value)
+        else:
+            raise ConfigError(f"unknown config section {section!r}; expected one of "
+                              f"{sorted(list(SECTIONS) + sorted(legacy))}")
+    validate(cfg)
+    return cfg
+
+
+def to_config(obj: Union[Config, Mapping[str, Any], str, os.PathLike]) -> Config:
+    """Accept a Config, a plain dict or a JSON/YAML path wherever a config is expected."""
+    if isinstance(obj, Config):
+        validate(obj)
+        return obj
+    if isinstance(obj, Mapping):
+        return config_from_dict(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        return load_config(obj)
+    raise ConfigError(f"expected a Config, a dict or a config file path, got {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# Dotted keys and type checking
+# --------------------------------------------------------------------------------------
+
+
+def set_dotted(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.field`` on ``cfg`` after checking the key exists and the type fits."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ConfigError(f"unknown config key {key!r}; expected <section>.<field> with section in {sorted(SECTIONS)}")
+    obj = getattr(cfg, section)
+    hints = _hints(type(obj))
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}; {section} has {sorted(hints)}")
+    setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    """Parse ``key=value``; the value is read as JSON when it parses (numbers, true, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    raw = raw.strip()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        lowered = raw.lower()
+        value = {"none": None, "null": None, "true": True, "false": False}.get(lowered, raw)
+    return key.strip(), value
+
+
+def apply_overrides(cfg: Config, overrides: Union[Mapping[str, Any], Iterable[str]]) -> Config:
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        set_dotted(cfg, ALIASES.get(key, key), value)
+    validate(cfg)
+    return cfg
+
+
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key`` and the type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            elem = typing.get_args(tp)[0]
+            return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field constraints the types alone cannot express."""
+    m, d, t, l = cfg.model, cfg.data, cfg.train, cfg.loss
+    _check(len(m.encoder_rates) == len(m.decoder_rates), "model.decoder_rates",
+           "must have as many entries as model.encoder_rates")
+    _check(len(m.vq_strides) >= 1, "model.vq_strides", "needs at least one level")
+    _check(m.codebook_size >= 2, "model.codebook_size", "must be at least 2")
+    _check(m.sampling_rate > 0, "model.sampling_rate", "must be positive")
+    _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
+    _check(d.segment_seconds > 0, "data.segment_seconds", "must be positive")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(0.0 <= d.max_failure_fraction <= 1.0, "data.max_failure_fraction", "must be in [0, 1]")
+    _check(len(l.mel_window_lengths) == len(l.mel_n_mels), "loss.mel_n_mels",
+           "must have as many entries as loss.mel_window_lengths")
+    _check(len(l.stft_fft_sizes) == len(l.stft_hop_sizes) == len(l.stft_win_lengths), "loss.stft_hop_sizes",
+           "loss.stft_fft_sizes, stft_hop_sizes and stft_win_lengths must have equal lengths")
+    _check(len(cfg.optim.betas) == 2, "optim.betas", "must have two entries")
+    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
+    _check(t.max_steps >= 0, "train.max_steps", "must be >= 0")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        _check(getattr(t, name) >= 1, f"train.{name}", "must be at least 1")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} {message}")
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def load_config(path: Union[str, os.PathLike]) -> Config:
+    """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file (safe loader only)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - parser errors vary by format; report one line
+        raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data or {})
+
+
+def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
+    """Write ``cfg`` as JSON or YAML (by extension), atomically."""
+    path = os.fspath(path)
+    data = cfg.to_dict()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
