@@ -1,0 +1,134 @@
+"""Configs: presets equal the published SNAC models; files, dicts and overrides are validated."""
+
+import json
+
+import pytest
+import snac
+
+from training.config import (
+    DATASET_CONFIGS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    create_snac_24khz_config,
+    create_snac_32khz_config,
+    create_snac_44khz_config,
+    create_training_config,
+    load_config,
+    model_preset,
+    save_config,
+    to_config,
+)
+
+# (preset, params in millions, token rates in Hz, kbps) -- hubertsiuzdak/snac_* model cards.
+PUBLISHED = [
+    ("24khz", 19.8, (11.72, 23.44, 46.88), 0.98),
+    ("32khz", 54.5, (10.42, 20.83, 41.67, 83.33), 1.9),
+    ("44khz", 54.5, (14.36, 28.71, 57.42, 114.84), 2.6),
+]
+
+
+@pytest.mark.parametrize("name,params_m,rates,kbps", PUBLISHED)
+def test_presets_match_published_models(name, params_m, rates, kbps):
+    cfg = model_preset(name)
+    model = snac.SNAC(**cfg.snac_kwargs())
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - params_m) < 0.1
+    assert cfg.token_rates() == pytest.approx(rates, abs=0.01)
+    assert round(cfg.bitrate_kbps(), 2 if kbps < 1 else 1) == kbps
+
+
+def test_pad_multiple_and_hop():
+    assert [model_preset(n).hop_length for n in ("24khz", "32khz", "44khz")] == [512, 384, 384]
+    assert [model_preset(n).pad_multiple for n in ("24khz", "32khz", "44khz")] == [2048, 12288, 12288]
+
+
+@pytest.mark.parametrize("fn,rate", [(create_snac_24khz_config, 24000), (create_snac_32khz_config, 32000),
+                                     (create_snac_44khz_config, 44100)])
+def test_legacy_model_config_functions_build_snac(fn, rate):
+    kwargs = fn()
+    assert isinstance(kwargs["encoder_rates"], list)
+    assert snac.SNAC(**kwargs).sampling_rate == rate
+
+
+def test_create_training_config_documented_form():
+    cfg = create_training_config(dataset_path="/data/x", batch_size=8, learning_rate=3e-4, streaming=True)
+    assert (cfg.data.dataset_path, cfg.data.batch_size, cfg.optim.lr, cfg.data.streaming) == ("/data/x", 8, 3e-4, True)
+    assert cfg.optim.betas == (0.8, 0.99) and cfg.optim.lr_decay == 0.999994
+    assert cfg.loss.mel == 15 and cfg.loss.feature_matching == 2 and cfg.loss.commitment == 0.25
+    assert cfg.segment_length() == 20480  # 0.8 s at 24 kHz rounded up to a multiple of 2048
+
+
+def test_create_training_config_presets_and_overrides():
+    cfg = create_training_config(preset="tiny", dataset="librispeech", num_iterations=10,
+                                 overrides=["optim.lr=1e-3", "train.precision=fp32"])
+    assert cfg.data.dataset_path == "openslr/librispeech_asr" and cfg.data.split == "train.100"
+    assert cfg.train.max_steps == 10 and cfg.optim.lr == 1e-3 and cfg.model.encoder_dim == 8
+    with pytest.raises(ConfigError, match="bogus"):
+        create_training_config(bogus=1)
+
+
+def test_legacy_dict_layout_is_converted():
+    legacy = {
+        "model": create_snac_24khz_config(),
+        "training": {"batch_size": 4, "learning_rate": 1e-4, "lr_decay": 0.9999, "num_iterations": 50,
+                     "save_interval": 10, "log_interval": 5, "validation_interval": 20},
+        "data": {"dataset_path": "some/ds", "audio_column": "speech", "split": "train",
+                 "streaming": False, "segment_length": 1.0},
+        "paths": {"checkpoint_dir": "./ck", "log_dir": "./lg"},
+    }
+    cfg = to_config(legacy)
+    assert cfg.data.batch_size == 4 and cfg.train.max_steps == 50 and cfg.train.checkpoint_every == 10
+    assert cfg.data.audio_column == "speech" and cfg.data.segment_seconds == 1.0
+    assert cfg.train.run_dir == "./ck" and cfg.train.log_dir == "./lg"
+    assert cfg.model.encoder_rates == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"model": {"encoder_dims": 3}}, "model.encoder_dims"),
+    ({"optim": {"lr": "fast"}}, "'optim.lr' expects float"),
+    ({"train": {"max_steps": 1.5}}, "'train.max_steps' expects int"),
+    ({"data": {"streaming": "yes"}}, "'data.streaming' expects bool"),
+    ({"model": {"vq_strides": [4, "2"]}}, r"model.vq_strides\[1\]"),
+    ({"optimizer": {}}, "unknown config section 'optimizer'"),
+    ({"training": {"epochs": 3}}, "training.epochs"),
+])
+def test_bad_keys_and_types_name_the_key(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        to_config(bad)
+
+
+@pytest.mark.parametrize("ext", ["json", "yaml"])
+def test_file_roundtrip(tmp_path, ext):
+    cfg = create_training_config(preset="32khz", batch_size=3, overrides={"loss.mel_fmax": 8000.0})
+    path = tmp_path / f"c.{ext}"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert to_config(str(path)) == cfg
+
+
+def test_bad_file_is_one_line_error(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_values():
+    cfg = apply_overrides(Config(), ["optim.lr=3e-4", "optim.grad_clip=null", "model.vq_strides=[8,4,2,1]",
+                                     "train.run_dir=runs/x", "data.streaming=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.grad_clip is None and cfg.model.vq_strides == (8, 4, 2, 1)
+    assert cfg.train.run_dir == "runs/x" and cfg.data.streaming is True
+    with pytest.raises(ConfigError, match="form section.key=value"):
+        apply_overrides(Config(), ["optim.lr"])
+
+
+def test_dataset_presets_have_required_fields():
+    assert set(DATASET_CONFIGS) == {"ljspeech", "common_voice", "librispeech", "vctk"}
+    for name in DATASET_CONFIGS:
+        cfg = create_training_config(dataset=name)
+        assert cfg.data.dataset == name and "/" in cfg.data.dataset_path
+        assert cfg.data.audio_column == "audio" and cfg.data.text_column
+    json.dumps(DATASET_CONFIGS)  # presets stay plain data

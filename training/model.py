@@ -1,0 +1,361 @@
+"""The SNAC generator for training: a forward pass that trains the codebooks, dead-code restart,
+loading from anywhere and export to the standard SNAC directory format.
+
+``snac.SNAC.forward`` returns ``(audio, codes)`` only: its quantizer's straight-through estimator
+passes gradients to the encoder but none to the codebook, and it computes no commitment loss. So a
+trainer that calls ``model(audio)`` never updates the codebooks. :func:`train_forward` runs the same
+modules step by step and adds, per quantizer level (after the stride average-pool and ``in_proj``)::
+
+    commitment = mse(z_e, z_q.detach())   # pulls the encoder towards its code
+    codebook   = mse(z_q, z_e.detach())   # pulls the code towards the encoder output
+
+(means over batch, channel and time; summed over levels). The nearest-code search is snac's own
+(``VectorQuantize.decode_latents``, on L2-normalized vectors), so codes equal ``SNAC.encode``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import snac
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig, _coerce, _hints
+
+
+class ModelLoadError(ValueError):
+    """A model source is missing, incomplete, not cached, or does not hold a SNAC generator."""
+
+
+class TrainOutput(NamedTuple):
+    """Result of :func:`train_forward`.
+
+    audio:            (B, 1, T) reconstruction, trimmed to the input length T.
+    codes:            per level, (B, T_i) int64 code indices (coarsest level first).
+    commitment_loss:  scalar, summed over levels.
+    codebook_loss:    scalar, summed over levels.
+    codebook_usage:   (n_levels,) fraction of each codebook used in this batch.
+    codebook_perplexity: (n_levels,) exp(entropy) of each level's code histogram in this batch.
+    latents:          per level, (B, codebook_dim, T_i) detached projected encoder outputs z_e
+                      (what dead-code restart re-seeds codes from).
+    """
+
+    audio: Tensor
+    codes: List[Tensor]
+    commitment_loss: Tensor
+    codebook_loss: Tensor
+    codebook_usage: Tensor
+    codebook_perplexity: Tensor
+    latents: List[Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# Building and checking
+# --------------------------------------------------------------------------------------
+
+
+def build_generator(cfg: ModelConfig) -> snac.SNAC:
+    """A freshly initialised ``snac.SNAC`` for ``cfg``."""
+    return snac.SNAC(**cfg.snac_kwargs())
+
+
+def check_audio(audio: Tensor, model: Optional[snac.SNAC] = None, sample_rate: Optional[int] = None) -> None:
+    """Raise ValueError unless ``audio`` is a float (B, 1, T) tensor at the model's rate."""
+    if not isinstance(audio, Tensor):
+        raise ValueError(f"expected audio as a torch.Tensor of shape (B, 1, T), got {type(audio).__name__}")
+    if audio.dim() != 3 or audio.shape[1] != 1:
+        hint = " (mono: mix channels down first)" if audio.dim() == 3 else " (add the channel axis: audio.unsqueeze(1))"
+        raise ValueError(f"expected audio of shape (B, 1, T), got {tuple(audio.shape)}{hint}")
+    if not audio.is_floating_point():
+        raise ValueError(f"expected floating-point audio in [-1, 1], got dtype {audio.dtype}")
+    if audio.shape[-1] == 0:
+        raise ValueError("expected at least one audio sample, got T = 0")
+    if model is not None and sample_rate is not None and sample_rate != model.sampling_rate:
+        raise ValueError(f"audio sample rate {sample_rate} Hz does not match the model's "
+                         f"{model.sampling_rate} Hz; resample it first")
+
+
+def codebook_stats(codes: Tensor, codebook_size: int) -> Tuple[Tensor, Tensor]:
+    """Fraction of the codebook used by ``codes`` and the perplexity of their histogram."""
+    counts = torch.bincount(codes.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1.0)
+    usage = (counts > 0).float().mean()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return usage, entropy.exp()
+
+
+# --------------------------------------------------------------------------------------
+# Training forward
+# --------------------------------------------------------------------------------------
+
+
+def _quantize_level(vq: torch.nn.Module, residual: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One snac ``VectorQuantize`` level with its VQ losses.
+
+    residual: (B, latent_dim, T). Returns ``(z_q_out (B, latent_dim, T), codes (B, T/stride),
+    z_e (B, codebook_dim, T/stride), commitment, codebook)``.
+    """
+    z = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
+    z_e = vq.in_proj(z)
+    # snac's own nearest-code search on L2-normalized vectors: identical codes to SNAC.encode.
+    z_q, codes = vq.decode_latents(z_e)
+    commitment = F.mse_loss(z_e, z_q.detach())
+    codebook = F.mse_loss(z_q, z_e.detach())
+    # Straight-through: the decoder sees z_q, the encoder receives the decoder's gradient.
+    z_q = z_e + (z_q - z_e).detach()
+    z_q = vq.out_proj(z_q)
+    if vq.stride > 1:
+        z_q = z_q.repeat_interleave(vq.stride, dim=-1)
+    return z_q, codes, z_e, commitment, codebook
+
+
+def train_forward(model: snac.SNAC, audio: Tensor, sample_rate: Optional[int] = None) -> TrainOutput:
+    """Encode, quantize (with VQ losses) and decode ``audio`` (B, 1, T) at the model's rate."""
+    check_audio(audio, model, sample_rate)
+    length = audio.shape[-1]
+    z = model.encoder(model.preprocess(audio))
+    z_q_sum: Any = 0.0
+    residual = z
+    codes, latents, commit, cbook, usage, perplexity = [], [], [], [], [], []
+    for vq in model.quantizer.quantizers:
+        z_q, c, z_e, lc, lb = _quantize_level(vq, residual)
+        z_q_sum = z_q_sum + z_q
+        residual = residual - z_q
+        codes.append(c)
+        latents.append(z_e.detach())
+        commit.append(lc)
+        cbook.append(lb)
+        u, p = codebook_stats(c, vq.codebook_size)
+        usage.append(u)
+        perplexity.append(p)
+    recon = model.decoder(z_q_sum)[..., :length]
+    return TrainOutput(
+        audio=recon,
+        codes=codes,
+        commitment_loss=torch.stack(commit).sum(),
+        codebook_loss=torch.stack(cbook).sum(),
+        codebook_usage=torch.stack(usage),
+        codebook_perplexity=torch.stack(perplexity),
+        latents=latents,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Dead-code restart
+# --------------------------------------------------------------------------------------
+
+
+class DeadCodeRestarter:
+    """Re-seed codebook entries that no batch has used for ``threshold`` steps.
+
+    Dead entries are replaced with randomly chosen current encoder outputs ``z_e`` of the same
+    level, which puts them where the data is. Under DDP, usage is OR-reduced across ranks and the
+    replacement vectors are drawn on rank 0 and broadcast, so every rank keeps identical
+    codebooks (DDP itself never syncs a direct ``.data`` write).
+    """
+
+    def __init__(self, model: snac.SNAC, threshold: int, seed: int = 0):
+        self.model = model
+        self.threshold = threshold
+        size = model.codebook_size
+        self.last_used = [torch.zeros(size, dtype=torch.long) for _ in model.quantizer.quantizers]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.total_restarted = [0] * len(self.last_used)
+
+    @torch.no_grad()
+    def step(self, step: int, codes: List[Tensor], latents: List[Tensor]) -> List[int]:
+        """Record usage at ``step``; restart dead entries. Returns the count restarted per level."""
+        restarted = []
+        for level, vq in enumerate(self.model.quantizer.quantizers):
+            used = torch.zeros(vq.codebook_size, dtype=torch.float32, device=codes[level].device)
+            used[codes[level].reshape(-1)] = 1.0
+            if _distributed():
+                dist.all_reduce(used, op=dist.ReduceOp.MAX)
+            self.last_used[level][used.cpu() > 0] = step
+            dead = (step - self.last_used[level]) >= self.threshold
+            n_dead = int(dead.sum())
+            if n_dead:
+                self._reseed(vq, dead, latents[level])
+                self.last_used[level][dead] = step
+                self.total_restarted[level] += n_dead
+            restarted.append(n_dead)
+        return restarted
+
+    def _reseed(self, vq: torch.nn.Module, dead: Tensor, z_e: Tensor) -> None:
+        weight = vq.codebook.weight
+        candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1]).float()
+        pick = torch.randint(len(candidates), (int(dead.sum()),), generator=self.generator)
+        new = candidates[pick.to(candidates.device)].to(weight.dtype).contiguous()
+        if _distributed():
+            dist.broadcast(new, src=0)
+        weight.data[dead.to(weight.device)] = new
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_used": [t.clone() for t in self.last_used], "generator": self.generator.get_state(),
+                "total_restarted": list(self.total_restarted)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.last_used = [t.clone().long() for t in state["last_used"]]
+        self.generator.set_state(state["generator"])
+        self.total_restarted = list(state["total_restarted"])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# --------------------------------------------------------------------------------------
+# Loading and export
+# --------------------------------------------------------------------------------------
+
+SNAC_FILES = ("config.json", "pytorch_model.bin")
+
+
+def model_config_from_dict(d: Dict[str, Any], where: str) -> ModelConfig:
+    """A ModelConfig from a SNAC ``config.json`` dict, with errors that name the file."""
+    hints = _hints(ModelConfig)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown SNAC config keys {unknown}")
+    try:
+        return ModelConfig(**{k: _coerce(v, hints[k], f"model.{k}") for k, v in d.items()})
+    except ConfigError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+
+
+def _load_state(path: Path) -> Dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt/foreign files raise many types
+        raise ModelLoadError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _build_loaded(cfg: ModelConfig, state: Dict[str, Any], where: str) -> snac.SNAC:
+    model = build_generator(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{where}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_snac_dir(path: os.PathLike) -> Tuple[snac.SNAC, ModelConfig]:
+    """Load a SNAC directory (``config.json`` + ``pytorch_model.bin``)."""
+    path = Path(path)
+    missing = [f for f in SNAC_FILES if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{path} is not a SNAC directory: missing {', '.join(missing)} "
+                             f"(expected {' and '.join(SNAC_FILES)})")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    cfg = model_config_from_dict(raw, str(path / "config.json"))
+    return _build_loaded(cfg, _load_state(path / "pytorch_model.bin"), str(path)), cfg
+
+
+def load_training_checkpoint_generator(path: os.PathLike) -> Tuple[snac.SNAC, ModelConfig]:
+    """The generator of one of our training checkpoints (``*.pt``)."""
+    path = Path(path)
+    ckpt = _load_state(path)
+    if not isinstance(ckpt, dict) or "generator" not in ckpt or "config" not in ckpt:
+        raise ModelLoadError(f"{path} is not a training checkpoint of this toolkit (no generator/config)")
+    cfg = model_config_from_dict(ckpt["config"]["model"], f"{path} [config.model]")
+    return _build_loaded(cfg, ckpt["generator"], str(path)), cfg
+
+
+def _resolve_run_dir(path: Path) -> Optional[Path]:
+    latest = path / "checkpoints" / "latest.pt"
+    return latest if latest.is_file() else None
+
+
+def load_generator(source: str | os.PathLike, device: str | torch.device = "cpu") -> Tuple[snac.SNAC, ModelConfig]:
+    """Load a SNAC generator from any of: our checkpoint file, a run directory (its latest
+    checkpoint), a SNAC directory, or a Hugging Face hub id (from the local cache when offline).
+
+    Returns ``(model in eval mode on device, ModelConfig)``.
+    """
+    path = Path(source)
+    if path.is_file():
+        model, cfg = load_training_checkpoint_generator(path)
+    elif path.is_dir():
+        latest = _resolve_run_dir(path)
+        model, cfg = load_training_checkpoint_generator(latest) if latest else load_snac_dir(path)
+    elif _looks_like_hub_id(str(source)):
+        model, cfg = load_snac_dir(_download_from_hub(str(source)))
+    else:
+        raise ModelLoadError(f"model not found: {source} (expected a checkpoint file, a SNAC directory "
+                             "or a Hugging Face hub id such as hubertsiuzdak/snac_24khz)")
+    return model.to(device).eval(), cfg
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Find a SNAC repo's two files in the local HF cache, else download them (unless offline)."""
+    from huggingface_hub import hf_hub_download
+
+    paths = []
+    for name in SNAC_FILES:
+        try:
+            paths.append(Path(hf_hub_download(repo_id=repo_id, filename=name, local_files_only=True)))
+            continue
+        except Exception:  # noqa: BLE001 - not cached: try the network below
+            pass
+        try:
+            if _hub_offline():
+                raise ConnectionError("HF_HUB_OFFLINE is set")
+            paths.append(Path(hf_hub_download(repo_id=repo_id, filename=name)))
+        except Exception as e:  # noqa: BLE001 - network/auth errors all end the same way
+            raise ModelLoadError(
+                f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+                f"({type(e).__name__}); run `huggingface-cli download {repo_id}` where there is network, "
+                "or pass a local SNAC directory") from None
+    return paths[0].parent
+
+
+def export_snac(model: snac.SNAC, cfg: ModelConfig, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` as a SNAC directory loadable by ``snac.SNAC.from_pretrained(out_dir)``.
+
+    Files are written to temporaries and renamed, so a crash never leaves a half-written model.
+    An existing SNAC directory is replaced only with ``overwrite=True``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"export target {out} exists and is not a directory")
+    if not overwrite and any((out / f).exists() for f in SNAC_FILES):
+        raise ModelLoadError(f"{out} already holds a SNAC model; choose another directory or pass overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _atomic_write(out / "pytorch_model.bin", lambda f: torch.save(state, f))
+    _atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.snac_kwargs(), indent=2).encode()))
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
