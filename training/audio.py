@@ -342,6 +342,14 @@ def open_audio(value: Any, *, source_rate: Optional[int] = None) -> _Reader:
     if isinstance(value, Mapping):
         return _open_mapping(value, name, source_rate)
     if hasattr(value, "get_samples_played_in_range") or hasattr(value, "get_all_samples"):
+        # `datasets` >= 4 decoders keep their encoded source; soundfile on it is faster than
+        # FFmpeg and seeks exactly, so use it when the object exposes it.
+        encoded = getattr(value, "_hf_encoded", None)
+        if isinstance(encoded, Mapping) and (encoded.get("bytes") is not None or encoded.get("path")):
+            try:
+                return _open_mapping(encoded, name, source_rate)
+            except AudioReadError:
+                pass  # e.g. a relative path only the decoder can resolve: decode through it
         return _DecoderReader(value, name)
     if isinstance(value, (np.ndarray, list, tuple, torch.Tensor)):
         return _ArrayReader(value, source_rate, name)

@@ -106,6 +106,9 @@ class DataConfig:
     silence_db: float = -60.0  # ours: crops quieter than this RMS (dBFS) are re-drawn
     max_silence_retries: int = 5  # ours: bounded re-draws before accepting a quiet crop
     max_failure_fraction: float = 0.5  # ours: abort when more than this fraction of reads fail
+    max_item_retries: int = 20  # ours: consecutive unreadable items replaced before giving up
+    extra_datasets: Tuple[str, ...] = ()  # ours: more sources (paths, registry names, hub ids) mixed into training
+    dataset_weights: Tuple[float, ...] = ()  # ours: sampling weights, main source first; () = by size
     seed: int = 0
 
 
