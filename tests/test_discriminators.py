@@ -137,3 +137,22 @@ def test_parameter_count_at_reference_config():
     # per STFT discriminator 5 bands x 94,208 + 290 (post) = 471,330, three of them.
     assert n_mpd == 5 * 8_221_154
     assert n_stft == 1_413_990
+
+
+def test_runs_under_bf16_autocast():
+    """The STFT runs in fp32 (no bf16 kernels); the convs follow autocast."""
+    cfg = DiscriminatorConfig(periods=(2,), mpd_channels=(4, 4, 4, 4, 4), stft_fft_sizes=(256,), stft_channels=4)
+    disc = Discriminator(cfg, 24000)
+    x = 0.1 * torch.randn(1, 1, 2048)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = disc(x.bfloat16())
+    assert all(logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all() for logits, _ in outputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moves_to_cuda_with_its_windows():
+    disc = Discriminator(DiscriminatorConfig(), 44100).to("cuda")
+    assert all(b.device.type == "cuda" for b in disc.buffers())
+    outputs = disc(0.1 * torch.randn(2, 1, 8192, device="cuda"))
+    assert len(outputs) == disc.num_discriminators

@@ -238,3 +238,26 @@ def test_vq_terms_pass_gradient_with_their_weights():
     total.backward()
     assert commitment.grad.item() == pytest.approx(LossConfig.commitment)
     assert codebook.grad.item() == pytest.approx(LossConfig.codebook)
+
+
+def test_spectral_losses_keep_fp32_after_module_cast():
+    real, fake = _pair()
+    for loss in (MelSpectrogramLoss(SR), MultiResolutionSTFTLoss()):
+        reference = loss(real, fake).item()
+        value = loss.double()(real, fake)  # fp32 -> fp64 buffers is lossless
+        assert value.dtype == torch.float32 and value.item() == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generator_loss_on_cuda_matches_cpu():
+    gl = GeneratorLoss(LossConfig(), SR)
+    real, fake = _pair()
+    args = (torch.tensor(0.1), torch.tensor(0.2))
+    total_cpu, _ = gl(real, fake, *args)
+    gl = gl.to("cuda")
+    assert all(b.device.type == "cuda" for b in gl.buffers())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total_gpu, _ = gl(real.cuda(), fake.cuda(), *(a.cuda() for a in args))
+    assert total_gpu.dtype == torch.float32
+    assert total_gpu.item() == pytest.approx(total_cpu.item(), rel=1e-4)

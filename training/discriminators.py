@@ -163,7 +163,7 @@ class STFTDiscriminator(nn.Module):
         # torch.stft has no bf16 kernels; the STFT runs in fp32 and the convs follow autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
             spec = torch.stft(x.squeeze(1).float(), n_fft=self.n_fft, hop_length=self.hop_length,
-                              window=self.window, center=True, pad_mode="reflect", return_complex=True)
+                              window=self.window.float(), center=True, pad_mode="reflect", return_complex=True)
         return torch.view_as_real(spec).permute(0, 3, 2, 1)
 
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:

@@ -162,8 +162,9 @@ class MelSpectrogramLoss(nn.Module):
 
     def log_mel(self, audio: Tensor, scale: int) -> Tensor:
         """``(N, T)`` float32 audio -> ``(N, n_mels, frames)`` log10 mel magnitudes at one scale."""
-        window = getattr(self, f"window_{scale}")
-        filters = getattr(self, f"filters_{scale}")
+        # .float(): a no-op normally; keeps fp32 math if the module was cast with .half()/.double().
+        window = getattr(self, f"window_{scale}").float()
+        filters = getattr(self, f"filters_{scale}").float()
         mag = _magnitude_stft(audio, self.window_lengths[scale], self.hop_lengths[scale], window)
         return torch.matmul(filters, mag).clamp(min=self.clamp).log10()
 
@@ -210,7 +211,7 @@ class MultiResolutionSTFTLoss(nn.Module):
 
     def magnitude(self, audio: Tensor, resolution: int) -> Tensor:
         """``(N, T)`` float32 audio -> ``(N, fft_size // 2 + 1, frames)`` magnitudes, floored by ``eps``."""
-        window = getattr(self, f"window_{resolution}")
+        window = getattr(self, f"window_{resolution}").float()
         spec = torch.stft(audio, n_fft=self.fft_sizes[resolution], hop_length=self.hop_sizes[resolution],
                           win_length=window.shape[-1], window=window, center=True, pad_mode="reflect",
                           return_complex=True)
