@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .audio import AudioReadError, audio_info, crop_or_pad, list_audio_files, normalize_loudness, open_audio, rms_db
+from .audio import AudioReadError, audio_info, crop_or_pad, decode_audio, list_audio_files, normalize_loudness, open_audio, rms_db
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -442,12 +442,12 @@ class _FailureLog:
         self.failed += 1
         if index not in self.bad:
             warnings.warn(f"skipping unreadable audio: {reason}", stacklevel=3)
-        self.bad[index] = reason
+        self.bad[index] = f"{ident}: {reason}"
         total = self.ok + self.failed
         if total >= self.MIN_ATTEMPTS and self.failed > self.max_fraction * total:
             raise DatasetError(f"{self.description}: {self.failed} of {total} audio reads failed "
                                f"(more than data.max_failure_fraction={self.max_fraction}); last: {reason}")
-        return f"{ident}: {reason}"
+        return self.bad[index]
 
 
 # --------------------------------------------------------------------------------------
@@ -532,7 +532,7 @@ class AudioDataset(Dataset):
 
     def _try(self, index: int, rng: np.random.Generator, skipped: List[str]) -> Optional[Dict[str, Any]]:
         if index in self.failures.bad:  # known bad in this process: don't decode again
-            skipped.append(f"{index}: {self.failures.bad[index]}")
+            skipped.append(self.failures.bad[index])
             return None
         row = self.records.row(index)
         try:
@@ -925,11 +925,11 @@ def _dataset_kwargs(data: Any, sample_rate: int, segment_length: int, random_cro
 
 
 def held_out_rows(n: int, val_items: int, seed: int) -> Tuple[List[int], List[int]]:
-    """Deterministic ``(train_rows, val_rows)``: ``val_items`` rows (at most a tenth of a small
+    """Deterministic ``(train_rows, val_rows)``: ``val_items`` rows (at most a fifth of a small
     dataset, at least one) chosen by a seeded permutation; both lists sorted."""
     if val_items <= 0 or n < 2:
         return list(range(n)), []
-    k = min(val_items, max(1, n // 10))
+    k = min(val_items, max(1, n // 5))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345)).tolist()
     return sorted(order[k:]), sorted(order[:k])
 
@@ -1026,11 +1026,18 @@ def _split_of(ident: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def scan_rows(rows: Sequence[Mapping[str, Any]], workers: int = 8, progress: bool = False):
-    """Header-read every row: ``(kept rows with num_frames/sample_rate/duration, dropped (path, reason))``."""
+def scan_rows(rows: Sequence[Mapping[str, Any]], workers: int = 8, progress: bool = False, verify: bool = False):
+    """Header-read every row: ``(kept rows with num_frames/sample_rate/duration, dropped (path, reason))``.
+
+    Headers cannot reveal a file cut off mid-stream or NaN samples; ``verify=True`` also decodes
+    each file completely to catch those (much slower; training skips such files anyway).
+    """
     def probe(row):
         try:
-            return row, audio_info(row["path"]), None
+            info = audio_info(row["path"])
+            if verify:
+                decode_audio(row["path"])
+            return row, info, None
         except AudioReadError as e:
             return row, None, str(e)
 
@@ -1053,7 +1060,7 @@ def scan_rows(rows: Sequence[Mapping[str, Any]], workers: int = 8, progress: boo
 def prepare_dataset(source: Union[str, os.PathLike], name: str, out_dir: Union[str, os.PathLike], *,
                     val_fraction: float = 0.02, test_fraction: float = 0.0, min_seconds: float = 0.0,
                     max_seconds: Optional[float] = None, seed: int = 0, workers: int = 8,
-                    progress: bool = False) -> Dict[str, Any]:
+                    progress: bool = False, verify: bool = False) -> Dict[str, Any]:
     """Scan a local corpus (folder, LJ Speech folder, audiofolder or manifest) from headers only,
     drop unreadable / too short / too long files with the reason, split train/validation/test by
     a hash of each id, write ``<out_dir>/{train,validation,test}.jsonl`` + ``dropped.tsv`` and
@@ -1064,7 +1071,7 @@ def prepare_dataset(source: Union[str, os.PathLike], name: str, out_dir: Union[s
     records = open_records(str(src), split="train")
     if not isinstance(records, FileRecords):
         raise DatasetError(f"prepare: {src} is a Hugging Face dataset; use it directly (it needs no manifest)")
-    kept, dropped = scan_rows(records.rows, workers=workers, progress=progress)
+    kept, dropped = scan_rows(records.rows, workers=workers, progress=progress, verify=verify)
     kept, dropped = _filter_durations(kept, dropped, min_seconds, max_seconds)
     if not kept:
         raise DatasetError(f"prepare: no readable audio in {src} ({len(dropped)} file(s) dropped)")
@@ -1133,6 +1140,8 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-seconds", type=float, default=None, help="drop files longer than this")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
     p.add_argument("--workers", type=int, default=8, help="threads reading headers")
+    p.add_argument("--verify", action="store_true",
+                   help="decode every file fully to also drop truncated / NaN files (slow)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("list", help="show registered datasets")
     args = parser.parse_args(argv)
@@ -1148,7 +1157,7 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
         entry = prepare_dataset(src, args.name, out, val_fraction=args.val_fraction,
                                 test_fraction=args.test_fraction, min_seconds=args.min_seconds,
                                 max_seconds=args.max_seconds, seed=args.seed, workers=args.workers,
-                                progress=not args.quiet)
+                                progress=not args.quiet, verify=args.verify)
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
