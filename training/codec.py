@@ -1,0 +1,854 @@
+"""Inference with a trained SNAC codec: encode / decode / round trip tensors, files and folders.
+
+:func:`load_codec` accepts everything :func:`training.model.load_generator` does (our training
+checkpoint, a run directory, a SNAC directory, a hub id) and returns a :class:`Codec`.
+
+What it adds to ``snac.SNAC.encode`` / ``decode``:
+
+- **Exact length.** Decoded audio is trimmed to the input length (snac leaves the right padding).
+- **Chunking with exact seams.** Long inputs are cut into windows whose *kept* parts tile the
+  signal and which extend ``context`` samples beyond them on both sides. ``context`` is the
+  model's one-sided receptive field (computed from its layers, :func:`receptive_field`) rounded
+  up to the pad multiple, and every boundary sits on a multiple of the pad multiple, so pooling
+  groups of the quantizer and attention windows line up with the one-shot computation. A kept
+  code or sample therefore sees exactly the inputs it sees in one shot: codes are identical and
+  audio agrees to float32 rounding (tested: max abs difference < 1e-4 on 60 s).
+- **Exact batching.** Windows of different lengths share a batch: shorter ones are right-padded,
+  and a hook after every convolution / attention layer zeroes each item's activations past its
+  own end, which is exactly the zero padding those layers apply to an item processed alone. So an
+  item's result does not depend on what it is batched with.
+- **Deterministic decoder noise.** snac's ``NoiseBlock`` draws ``randn`` from the global RNG, so
+  two decodes of the same codes differ and chunked decoding could never match one-shot decoding.
+  The codec replaces those draws by standard normal noise that is a function of (seed, block,
+  absolute position) only: statistically the same noise, but reproducible and chunk-independent.
+- **Memory bound.** Model activations scale with the samples in one batch, which is at most
+  ``batch_size * (chunk + 2 * context)``; whole-file buffers are float32 (4 bytes per sample at
+  the model rate) plus the codes (a few bytes per token).
+- Device auto-selection (cuda > mps > cpu), bf16 autocast on CUDA (the nearest-code search
+  stays float32), codes files (``.npz``) with validation, metrics and spectrogram plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import snac
+import torch
+import torch.nn.functional as F
+from snac.attention import LocalMHA
+from snac.layers import NoiseBlock
+from torch import Tensor
+
+from . import metrics as M
+from .audio import AudioReadError, audio_info, decode_audio, list_audio_files, resample, save_audio
+from .config import ModelConfig
+from .model import ModelLoadError, load_generator
+
+PathLike = Union[str, os.PathLike]
+
+CODES_FORMAT_VERSION = 1
+DEFAULT_CHUNK_SECONDS = 20.0  # ours: ~2.5 % context overhead at 24 kHz, a few hundred MB of activations
+DEFAULT_BATCH_SIZE = 8  # ours: windows per forward pass (folders)
+NOISE_TILE = 4096  # samples per independently seeded noise tile
+
+
+class CodecError(ValueError):
+    """A user-facing inference problem: bad codes file, wrong model, bad arguments or paths."""
+
+
+# --------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------
+
+
+def select_device(name: Optional[str] = None) -> torch.device:
+    """``None``/``"auto"``: cuda if available, else mps, else cpu. Otherwise validate ``name``."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CodecError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CodecError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CodecError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CodecError("device 'mps' requested but MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CodecError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for ``precision`` ("auto": bf16 on CUDA, fp32 elsewhere); None = fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise CodecError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise CodecError("bf16 inference is supported on CUDA only; use --precision fp32")
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------
+# Receptive field and window planning
+# --------------------------------------------------------------------------------------
+
+
+class Reach(NamedTuple):
+    """One-sided receptive fields, in samples at the model rate.
+
+    encoder: how far from a code's span an input sample can change that code.
+    decoder: how far from a code's span that code can change an output sample.
+    """
+
+    encoder: int
+    decoder: int
+
+
+def _conv_reach(conv: torch.nn.Conv1d) -> int:
+    """Frames on the wider side of a (possibly asymmetric) convolution, at its input rate."""
+    k, d, p = conv.kernel_size[0], conv.dilation[0], conv.padding[0]
+    return max(p, d * (k - 1) - p)
+
+
+def _encoder_reach(model: snac.SNAC) -> int:
+    reach, jump = 0, 1  # jump: input samples per frame at the current layer's input
+    for m in model.encoder.modules():
+        if isinstance(m, torch.nn.Conv1d):
+            reach += _conv_reach(m) * jump
+            jump *= m.stride[0]
+        elif isinstance(m, LocalMHA):
+            reach += m.window_size * jump
+    # A coarse code pools `stride` latent frames: it sees the whole group.
+    return reach + max(model.vq_strides) * int(model.hop_length)
+
+
+def _decoder_reach(model: snac.SNAC) -> int:
+    jump = int(model.hop_length)  # output samples per frame at the current layer's input
+    reach = max(model.vq_strides) * jump  # a coarse code is repeated over `stride` latent frames
+    for m in model.decoder.modules():
+        if isinstance(m, torch.nn.ConvTranspose1d):
+            s = m.stride[0]
+            reach += math.ceil(m.kernel_size[0] / s) * jump
+            jump //= s
+        elif isinstance(m, torch.nn.Conv1d):
+            reach += _conv_reach(m) * jump
+        elif isinstance(m, LocalMHA):
+            reach += m.window_size * jump
+    return reach
+
+
+def receptive_field(model: snac.SNAC) -> Reach:
+    """Upper bounds of the encoder's and decoder's one-sided receptive fields (samples)."""
+    return Reach(_encoder_reach(model), _decoder_reach(model))
+
+
+class Window(NamedTuple):
+    """A slice ``[start, stop)`` that is computed, of which ``[keep_start, keep_stop)`` is kept."""
+
+    start: int
+    stop: int
+    keep_start: int
+    keep_stop: int
+
+
+def plan_windows(total: int, chunk: int, context: int) -> List[Window]:
+    """Cover ``[0, total)`` with kept ranges of ``chunk`` units, each computed with ``context``
+    units of extra input on each side (clipped at the signal's true ends).
+
+    All arguments must be multiples of the caller's alignment quantum. A signal no longer than
+    ``chunk + context`` is a single window (chunking it would only add work).
+    """
+    if total <= chunk + context:
+        return [Window(0, total, 0, total)]
+    windows = []
+    for keep_start in range(0, total, chunk):
+        keep_stop = min(total, keep_start + chunk)
+        windows.append(Window(max(0, keep_start - context), min(total, keep_stop + context), keep_start, keep_stop))
+    return windows
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pack(lengths: Sequence[int], budget: int, max_items: int) -> List[List[int]]:
+    """Group indices (longest first) so that ``len(group) * max_length <= budget`` per group."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: List[List[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < max_items and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic decoder noise
+# --------------------------------------------------------------------------------------
+
+
+def keyed_noise(seed: int, block: int, start: int, length: int) -> Tensor:
+    """Standard normal float32 ``(length,)`` for absolute positions ``[start, start + length)``.
+
+    Each tile of :data:`NOISE_TILE` positions has its own generator seeded by
+    ``(seed, block, tile)``, so any slice is reproducible without drawing what precedes it.
+    """
+    first, last = start // NOISE_TILE, (start + length - 1) // NOISE_TILE
+    tiles = [np.random.default_rng([seed, block, t]).standard_normal(NOISE_TILE, dtype=np.float32)
+             for t in range(first, last + 1)]
+    offset = start - first * NOISE_TILE
+    return torch.from_numpy(np.concatenate(tiles)[offset:offset + length])
+
+
+# --------------------------------------------------------------------------------------
+# Results and codes files
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedAudio:
+    """Codes of one recording and what is needed to turn them back into audio.
+
+    codes:             per level, int64 ``(n_l,)``, coarsest first; ``n_l = padded / (hop * stride_l)``.
+    length:            samples of the original at the model rate (decoded audio is trimmed to it).
+    sample_rate:       the model's rate (Hz).
+    input_sample_rate: rate of the original file (Hz), for ``--keep-rate``.
+    input_length:      samples of the original at its own rate.
+    model:             identity of the model that made the codes (config + weight fingerprint).
+    """
+
+    codes: List[Tensor]
+    length: int
+    sample_rate: int
+    input_sample_rate: int
+    input_length: int
+    model: Dict[str, Any] = field(default_factory=dict)
+    encode_seconds: float = 0.0
+
+    @property
+    def duration(self) -> float:
+        return self.length / self.sample_rate
+
+
+def save_codes(path: PathLike, enc: EncodedAudio) -> Path:
+    """Write ``enc`` as ``.npz``: ``codes_0 .. codes_{L-1}`` plus scalar metadata and the model identity."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = int(enc.model.get("config", {}).get("codebook_size", 1 << 31))
+    dtype = np.uint16 if size <= 1 << 16 else np.int64
+    arrays = {f"codes_{i}": c.detach().cpu().numpy().astype(dtype) for i, c in enumerate(enc.codes)}
+    meta = dict(format_version=CODES_FORMAT_VERSION, n_levels=len(enc.codes), length=enc.length,
+                sample_rate=enc.sample_rate, input_sample_rate=enc.input_sample_rate,
+                input_length=enc.input_length)
+    arrays.update({k: np.asarray(v, dtype=np.int64) for k, v in meta.items()})
+    arrays["model"] = np.asarray(json.dumps(enc.model, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp.npz")  # np.savez appends .npz to other names
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_codes(path: PathLike) -> EncodedAudio:
+    """Read a codes file written by :func:`save_codes`; structural problems raise CodecError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CodecError(f"{path}: codes file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - zip/npy/pickle errors all mean "not a codes file"
+        raise CodecError(f"{path}: not a codes file ({type(e).__name__})") from None
+    needed = ("format_version", "n_levels", "length", "sample_rate", "input_sample_rate", "input_length", "model")
+    missing = [k for k in needed if k not in data]
+    if missing:
+        raise CodecError(f"{path}: not a codes file of this toolkit (missing {', '.join(missing)})")
+    if int(data["format_version"]) != CODES_FORMAT_VERSION:
+        raise CodecError(f"{path}: codes format version {int(data['format_version'])} is not supported "
+                         f"(expected {CODES_FORMAT_VERSION})")
+    n = int(data["n_levels"])
+    levels = [data.get(f"codes_{i}") for i in range(n)]
+    if any(c is None or c.ndim != 1 or c.dtype.kind not in "iu" for c in levels):
+        raise CodecError(f"{path}: codes must be {n} one-dimensional integer arrays codes_0..codes_{n - 1}")
+    try:
+        model = json.loads(str(data["model"]))
+    except json.JSONDecodeError:
+        raise CodecError(f"{path}: model identity is not valid JSON") from None
+    return EncodedAudio(codes=[torch.from_numpy(c.astype(np.int64)) for c in levels], length=int(data["length"]),
+                        sample_rate=int(data["sample_rate"]), input_sample_rate=int(data["input_sample_rate"]),
+                        input_length=int(data["input_length"]), model=model)
+
+
+# --------------------------------------------------------------------------------------
+# The codec
+# --------------------------------------------------------------------------------------
+
+
+class _Job(NamedTuple):
+    item: int
+    window: Window
+
+
+class Codec:
+    """A SNAC model ready for inference (eval mode, no grad) with chunking and batching.
+
+    Tensor API (audio at the model rate, float in [-1, 1]):
+
+    - ``encode(audio (B, 1, T)) -> [codes (B, n_l)]`` per level, coarsest first
+    - ``decode(codes, length=T) -> (B, 1, T)``
+    - ``roundtrip(audio) -> (B, 1, T)``
+
+    File API: :meth:`encode_file`, :meth:`decode_encoded`, :meth:`encode_files` (batched folders).
+    """
+
+    def __init__(self, model: snac.SNAC, cfg: ModelConfig, device: Optional[str] = None, precision: str = "auto",
+                 chunk_seconds: float = DEFAULT_CHUNK_SECONDS, batch_size: int = DEFAULT_BATCH_SIZE,
+                 noise_seed: int = 0, source: str = ""):
+        self.device = select_device(device)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.source = str(source)
+        self.noise_seed = int(noise_seed)
+        if batch_size < 1:
+            raise CodecError(f"batch size must be at least 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.reach = receptive_field(model)
+        q = cfg.pad_multiple
+        # Context: the receptive field rounded up to whole pad multiples keeps every boundary aligned.
+        self.context = _round_up(max(self.reach.encoder, self.reach.decoder), q)
+        self.chunk = self._chunk_samples(chunk_seconds)
+        self._valid: Optional[Tuple[Tensor, int]] = None  # (per-item valid units, padded units)
+        self._noise_starts: Optional[List[int]] = None  # per-item first latent frame of this batch
+        self._fingerprint: Optional[str] = None
+        self._install_hooks()
+
+    # ---- properties ----
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sampling_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.cfg.hop_length
+
+    @property
+    def n_levels(self) -> int:
+        return self.cfg.n_levels
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    def _chunk_samples(self, seconds: float) -> int:
+        if not seconds > 0:
+            raise CodecError(f"chunk length must be positive, got {seconds} s")
+        return _round_up(max(1, int(seconds * self.sample_rate)), self.cfg.pad_multiple)
+
+    def identity(self) -> Dict[str, Any]:
+        """Model identity stored in codes files: config, weight fingerprint and source."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return {"config": self.cfg.snac_kwargs(), "fingerprint": self._fingerprint, "source": self.source}
+
+    # ---- masking hooks: exact batching of unequal lengths ----
+
+    def _install_hooks(self) -> None:
+        """Zero every item's activations past its end after each conv / attention layer.
+
+        Without this, a shorter item padded inside a batch would feed its neighbours' layers
+        non-zero values (biases) where a lone item's convolutions see zero padding.
+        """
+        for part in (self.model.encoder, self.model.decoder):
+            for m in part.modules():
+                if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, LocalMHA)):
+                    m.register_forward_hook(self._mask_hook)
+        self.model.decoder.register_forward_pre_hook(lambda _m, args: (self._mask(args[0]),))
+
+    def _mask(self, x: Tensor) -> Tensor:
+        if self._valid is None:
+            return x
+        valid, padded = self._valid
+        length = x.shape[-1]
+        # Every layer's length is the padded length times a fixed ratio, and so is each item's.
+        keep = torch.arange(length, device=x.device)[None, :] < (valid[:, None] * length) // padded
+        return x * keep[:, None, :].to(x.dtype)
+
+    def _mask_hook(self, _module, _inputs, output):
+        return self._mask(output)
+
+    def _masked(self, valid: Sequence[int], padded: int):
+        self_ = self
+
+        class _Ctx:
+            def __enter__(self):
+                full = all(v == padded for v in valid)
+                self_._valid = None if full else (torch.tensor(list(valid), device=self_.device), padded)
+
+            def __exit__(self, *exc):
+                self_._valid = None
+
+        return _Ctx()
+
+    # ---- keyed noise ----
+
+    def _noise_blocks(self) -> List[Tuple[NoiseBlock, int]]:
+        """(NoiseBlock, upsampling factor from the latent rate) in decoder order."""
+        blocks, factor = [], 1
+        for m in self.model.decoder.modules():
+            if isinstance(m, torch.nn.ConvTranspose1d):
+                factor *= m.stride[0]
+            elif isinstance(m, NoiseBlock):
+                blocks.append((m, factor))
+        return blocks
+
+    def _keyed_noise_forward(self, index: int, block: NoiseBlock, factor: int) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:
+            length = x.shape[-1]
+            starts = self._noise_starts or [0] * x.shape[0]
+            noise = torch.stack([keyed_noise(self.noise_seed, index, s * factor, length) for s in starts])
+            return x + noise[:, None, :].to(device=x.device, dtype=x.dtype) * block.linear(x)
+        return forward
+
+    def _with_keyed_noise(self):
+        """Context that swaps the NoiseBlocks' global-RNG draws for :func:`keyed_noise`."""
+        blocks = self._noise_blocks()
+        codec = self
+
+        class _Ctx:
+            def __enter__(self):
+                for i, (b, f) in enumerate(blocks):
+                    b.forward = codec._keyed_noise_forward(i, b, f)
+
+            def __exit__(self, *exc):
+                for b, _ in blocks:
+                    del b.forward  # back to the class method
+
+        return _Ctx()
+
+    # ---- core batched passes ----
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def _encode_batch(self, x: Tensor, valid: Sequence[int]) -> List[Tensor]:
+        """x: (B, 1, T) with T a pad multiple; valid: per-item lengths (pad multiples). -> [(B, n_l)]."""
+        with self._masked(valid, x.shape[-1]), self._autocast():
+            z = self.model.encoder(x)
+        # The nearest-code search runs in float32 even under bf16: codes must not depend on it.
+        _, codes = self.model.quantizer(z.float())
+        return codes
+
+    @torch.inference_mode()
+    def _decode_batch(self, codes: List[Tensor], valid: Sequence[int], starts: Sequence[int]) -> Tensor:
+        """codes: [(B, n_l)]; valid / starts in latent frames. -> (B, 1, frames * hop) float32."""
+        z = self.model.quantizer.from_codes(codes)
+        self._noise_starts = list(starts)
+        try:
+            with self._masked(valid, z.shape[-1]), self._with_keyed_noise(), self._autocast():
+                audio = self.model.decoder(z)
+        finally:
+            self._noise_starts = None
+        return audio.float()
+
+    # ---- windowed processing of many items ----
+
+    def _encode_items(self, items: Sequence[Tensor]) -> List[List[Tensor]]:
+        """items: (T_i,) float tensors at the model rate -> per item, per level codes (n_l,)."""
+        q, hop = self.cfg.pad_multiple, self.hop_length
+        padded = [_round_up(int(x.shape[-1]), q) for x in items]
+        jobs = [_Job(i, w) for i, p in enumerate(padded) for w in plan_windows(p, self.chunk, self.context)]
+        out = [[torch.empty(p // (hop * s), dtype=torch.long) for s in self.cfg.vq_strides] for p in padded]
+        budget = self.batch_size * (self.chunk + 2 * self.context)
+        for group in _pack([j.window.stop - j.window.start for j in jobs], budget, self.batch_size):
+            batch = [jobs[g] for g in group]
+            lengths = [j.window.stop - j.window.start for j in batch]
+            x = torch.zeros(len(batch), 1, max(lengths))
+            for b, j in enumerate(batch):
+                seg = items[j.item][j.window.start:j.window.stop]
+                x[b, 0, :seg.shape[-1]] = seg
+            codes = self._encode_batch(x.to(self.device), lengths)
+            for level, s in enumerate(self.cfg.vq_strides):
+                unit = hop * s
+                c = codes[level].cpu()
+                for b, j in enumerate(batch):
+                    w = j.window
+                    out[j.item][level][w.keep_start // unit:w.keep_stop // unit] = \
+                        c[b, (w.keep_start - w.start) // unit:(w.keep_stop - w.start) // unit]
+        return out
+
+    def _decode_items(self, items: Sequence[List[Tensor]]) -> List[Tensor]:
+        """items: per item, per level codes (n_l,) -> per item audio (n_latent * hop,) float32 (CPU)."""
+        hop, q = self.hop_length, self.cfg.pad_multiple // self.hop_length
+        frames = [int(c[0].shape[-1]) * self.cfg.vq_strides[0] for c in items]
+        chunk, context = self.chunk // hop, self.context // hop
+        jobs = [_Job(i, w) for i, f in enumerate(frames) for w in plan_windows(f, chunk, context)]
+        out = [torch.empty(f * hop) for f in frames]
+        budget = self.batch_size * (chunk + 2 * context)
+        for group in _pack([j.window.stop - j.window.start for j in jobs], budget, self.batch_size):
+            batch = [jobs[g] for g in group]
+            lengths = [j.window.stop - j.window.start for j in batch]
+            longest = max(lengths)
+            assert longest % q == 0 and all(n % q == 0 for n in lengths)
+            codes = []
+            for level, s in enumerate(self.cfg.vq_strides):
+                c = torch.zeros(len(batch), longest // s, dtype=torch.long)
+                for b, j in enumerate(batch):
+                    c[b, :lengths[b] // s] = items[j.item][level][j.window.start // s:j.window.stop // s]
+                codes.append(c.to(self.device))
+            audio = self._decode_batch(codes, lengths, [j.window.start for j in batch]).cpu()
+            for b, j in enumerate(batch):
+                w = j.window
+                out[j.item][w.keep_start * hop:w.keep_stop * hop] = \
+                    audio[b, 0, (w.keep_start - w.start) * hop:(w.keep_stop - w.start) * hop]
+        return out
+
+    # ---- public tensor API ----
+
+    def _as_batch(self, audio: Tensor) -> Tensor:
+        if not isinstance(audio, Tensor) or not audio.is_floating_point():
+            raise CodecError("audio must be a floating-point torch.Tensor")
+        if audio.dim() == 1:
+            audio = audio[None, None]
+        elif audio.dim() == 2:
+            audio = audio[:, None]
+        if audio.dim() != 3 or audio.shape[1] != 1 or audio.shape[-1] == 0:
+            raise CodecError(f"audio must have shape (T,), (B, T) or (B, 1, T) with T > 0, got {tuple(audio.shape)}")
+        return audio.detach().float().cpu()
+
+    def encode(self, audio: Tensor) -> List[Tensor]:
+        """audio: (B, 1, T) (or (B, T), (T,)) at the model rate -> per level (B, n_l) int64 codes."""
+        x = self._as_batch(audio)
+        per_item = self._encode_items([row[0] for row in x])
+        return [torch.stack([item[level] for item in per_item]) for level in range(self.n_levels)]
+
+    def check_codes(self, codes: Sequence[Tensor], where: str = "codes") -> None:
+        """Raise CodecError unless ``codes`` fit this model: level count, lengths, value range."""
+        if len(codes) != self.n_levels:
+            raise CodecError(f"{where}: {len(codes)} code levels, but the model has {self.n_levels} "
+                             "(codes from a different model?)")
+        n0 = codes[0].shape[-1]
+        for level, (c, s) in enumerate(zip(codes, self.cfg.vq_strides)):
+            if c.is_floating_point():
+                raise CodecError(f"{where}: level {level} codes are not integers")
+            expected = n0 * self.cfg.vq_strides[0] // s
+            if c.shape[-1] != expected:
+                raise CodecError(f"{where}: level {level} has {c.shape[-1]} codes, expected {expected} for "
+                                 f"{n0} level-0 codes with strides {list(self.cfg.vq_strides)}")
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook_size):
+                raise CodecError(f"{where}: level {level} codes lie in [{int(c.min())}, {int(c.max())}], outside "
+                                 f"the codebook [0, {self.codebook_size}) (codes from a different model?)")
+        if n0 == 0:
+            raise CodecError(f"{where}: no codes")
+
+    def decode(self, codes: Sequence[Tensor], length: Optional[int] = None) -> Tensor:
+        """codes: per level (B, n_l) (or (n_l,)) -> (B, 1, length) float32; ``length`` defaults to
+        the padded length ``n_0 * stride_0 * hop``."""
+        codes = [c[None] if c.dim() == 1 else c for c in codes]
+        self.check_codes(codes)
+        items = [[c[b].long().cpu() for c in codes] for b in range(codes[0].shape[0])]
+        audio = torch.stack(self._decode_items(items))[:, None]
+        return audio if length is None else audio[..., :length]
+
+    def roundtrip(self, audio: Tensor) -> Tensor:
+        """Encode and decode: (B, 1, T) -> (B, 1, T) at the model rate."""
+        x = self._as_batch(audio)
+        return self.decode(self.encode(x), length=x.shape[-1])
+
+    # ---- files ----
+
+    def load_input(self, path: PathLike) -> Tuple[Tensor, int, int]:
+        """Read an audio file -> ((T,) at the model rate, input rate, input length)."""
+        info = audio_info(path)
+        audio, _ = decode_audio(path, self.sample_rate)
+        return audio[0], info.sample_rate, info.num_frames
+
+    def encode_file(self, path: PathLike) -> EncodedAudio:
+        """Encode one audio file (any format :mod:`training.audio` reads)."""
+        return next(iter(self.encode_files([path])))[1]
+
+    def encode_files(self, paths: Sequence[PathLike]) -> Iterator[Tuple[Path, Union[EncodedAudio, Exception]]]:
+        """Encode files in batches of ``batch_size``; yields ``(path, EncodedAudio)`` or
+        ``(path, error)`` for a file that cannot be read (the others are still processed)."""
+        for first in range(0, len(paths), self.batch_size):
+            group = [Path(p) for p in paths[first:first + self.batch_size]]
+            loaded, results = [], {}
+            for p in group:
+                try:
+                    loaded.append((p, *self.load_input(p)))
+                except AudioReadError as e:
+                    results[p] = e
+            start = time.perf_counter()
+            codes = self._encode_items([x for _, x, _, _ in loaded]) if loaded else []
+            elapsed = time.perf_counter() - start
+            total = sum(x.shape[-1] for _, x, _, _ in loaded) or 1
+            for (p, x, rate, n), c in zip(loaded, codes):
+                results[p] = EncodedAudio(codes=c, length=int(x.shape[-1]), sample_rate=self.sample_rate,
+                                          input_sample_rate=rate, input_length=n, model=self.identity(),
+                                          encode_seconds=elapsed * x.shape[-1] / total)
+            for p in group:
+                yield p, results[p]
+
+    def check_encoded(self, enc: EncodedAudio, where: str = "codes") -> None:
+        """Validate a loaded codes file against this model (structure, range, rate, length)."""
+        cfg = enc.model.get("config", {}) if isinstance(enc.model, dict) else {}
+        if cfg.get("codebook_size") not in (None, self.codebook_size):
+            raise CodecError(f"{where}: made by a model with codebook size {cfg['codebook_size']}, "
+                             f"this model has {self.codebook_size}")
+        self.check_codes(enc.codes, where)
+        if enc.sample_rate != self.sample_rate:
+            raise CodecError(f"{where}: codes are for a {enc.sample_rate} Hz model, this model runs at "
+                             f"{self.sample_rate} Hz")
+        padded = enc.codes[0].shape[-1] * self.cfg.vq_strides[0] * self.hop_length
+        if not 0 < enc.length <= padded:
+            raise CodecError(f"{where}: stored length {enc.length} does not fit {padded} samples of codes")
+
+    def decode_encoded(self, encs: Sequence[EncodedAudio], keep_rate: bool = False) -> List[Tuple[Tensor, int, float]]:
+        """Decode several codes records in shared batches -> per record ``((T,) audio, rate, seconds)``.
+
+        Audio is trimmed to the original length; with ``keep_rate`` it is resampled to the input's
+        rate and its length equals the input's length exactly.
+        """
+        for e in encs:
+            self.check_encoded(e)
+        start = time.perf_counter()
+        audio = self._decode_items([[c.long() for c in e.codes] for e in encs])
+        elapsed = time.perf_counter() - start
+        total = sum(e.length for e in encs) or 1
+        out = []
+        for e, a in zip(encs, audio):
+            a, rate = a[:e.length], self.sample_rate
+            if keep_rate and e.input_sample_rate != self.sample_rate:
+                a = fit_length(resample(a, self.sample_rate, e.input_sample_rate), e.input_length)
+                rate = e.input_sample_rate
+            out.append((a, rate, elapsed * e.length / total))
+        return out
+
+
+def fit_length(x: Tensor, length: int) -> Tensor:
+    """Trim or zero-pad the last axis to ``length`` (resampling may be off by a sample)."""
+    return x[..., :length] if x.shape[-1] >= length else F.pad(x, (0, length - x.shape[-1]))
+
+
+def load_codec(path_or_id: PathLike, device: Optional[str] = None, precision: str = "auto",
+               chunk_seconds: float = DEFAULT_CHUNK_SECONDS, batch_size: int = DEFAULT_BATCH_SIZE,
+               noise_seed: int = 0) -> Codec:
+    """A :class:`Codec` from our checkpoint (file or run dir), a SNAC directory or a hub id.
+
+    ``device``: None/"auto" picks cuda > mps > cpu. ``precision``: "auto" = bf16 on CUDA.
+    Raises :class:`training.model.ModelLoadError` for a bad source, CodecError for bad options.
+    """
+    dev = select_device(device)
+    model, cfg = load_generator(path_or_id, device="cpu")
+    return Codec(model, cfg, device=str(dev), precision=precision, chunk_seconds=chunk_seconds,
+                 batch_size=batch_size, noise_seed=noise_seed, source=str(path_or_id))
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+def collect_inputs(path: PathLike, suffixes: Optional[Tuple[str, ...]] = None, recursive: bool = True) -> Tuple[List[Path], Optional[Path]]:
+    """Files to process: ``([path], None)`` for a file, ``(files, root)`` for a folder.
+
+    ``suffixes``: accepted extensions for folders (default: audio files). Raises CodecError for a
+    missing path or a folder without matching files.
+    """
+    p = Path(path)
+    if p.is_file():
+        return [p], None
+    if not p.exists():
+        raise CodecError(f"input not found: {p}")
+    if not p.is_dir():
+        raise CodecError(f"input is neither a file nor a folder: {p}")
+    if suffixes is None:
+        files = list_audio_files(p, recursive=recursive)
+        what = "audio files"
+    else:
+        pattern = p.rglob("*") if recursive else p.glob("*")
+        files = sorted(f for f in pattern if f.is_file() and f.suffix.lower() in suffixes)
+        what = "/".join(suffixes) + " files"
+    if not files:
+        raise CodecError(f"no {what} found in {p}{' (searched recursively)' if recursive else ''}")
+    return files, p
+
+
+def output_paths(inputs: Sequence[Path], root: Optional[Path], output: PathLike, suffix: str) -> List[Path]:
+    """Output path per input: ``output`` itself for one file, else the input's relative path
+    under ``output`` with ``suffix`` (``name.ext`` + suffix where two inputs would collide)."""
+    out = Path(output)
+    if root is None:
+        return [out]
+    rels = [i.relative_to(root) for i in inputs]
+    plain = [out / r.with_suffix(suffix) for r in rels]
+    dup = {p for p in plain if plain.count(p) > 1}
+    return [out / r.parent / (r.name + suffix) if p in dup else p for r, p in zip(rels, plain)]
+
+
+def refuse_overwriting_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """CodecError if any output would replace one of the inputs."""
+    resolved = {p.resolve() for p in inputs}
+    for o in outputs:
+        if o.resolve() in resolved:
+            raise CodecError(f"output {o} would overwrite an input file; choose another output path")
+
+
+# --------------------------------------------------------------------------------------
+# Metrics, tables and plots
+# --------------------------------------------------------------------------------------
+
+METRIC_SEGMENT_SECONDS = 30.0  # mel / STFT distances are averaged over segments of this length
+
+
+def _segmented(fn: Callable[[Tensor, Tensor], float], ref: Tensor, est: Tensor, seg: int) -> float:
+    """Length-weighted mean of ``fn`` over segments (bounds the memory of spectral metrics)."""
+    total, acc = ref.shape[-1], 0.0
+    starts = list(range(0, total, seg))
+    if len(starts) > 1 and total - starts[-1] < seg // 4:
+        starts.pop()  # fold a short tail into the previous segment
+    for k, s in enumerate(starts):
+        e = starts[k + 1] if k + 1 < len(starts) else total
+        acc += fn(ref[..., s:e], est[..., s:e]) * (e - s)
+    return acc / total
+
+
+def compute_metrics(reference: Tensor, estimate: Tensor, rate: int, cfg: ModelConfig, input_rate: int,
+                    codes: Sequence[Tensor], encode_seconds: float, decode_seconds: float) -> Dict[str, Any]:
+    """All metrics of one round trip. ``reference``/``estimate``: (T,) at ``rate`` Hz.
+
+    compression_ratio = (input_rate * 16 bit) / codec bitrate: mono 16-bit PCM at the input's rate
+    versus the codes. Real-time factors are compute seconds per second of audio (< 1 = faster
+    than real time).
+    """
+    ref, est = reference.float()[None, None], estimate.float()[None, None]
+    duration = ref.shape[-1] / rate
+    seg = int(METRIC_SEGMENT_SECONDS * rate)
+    return {
+        "duration_s": duration,
+        "input_sample_rate": int(input_rate),
+        "model_sample_rate": int(cfg.sampling_rate),
+        "output_sample_rate": int(rate),
+        "tokens_per_level": [int(c.shape[-1]) for c in codes],
+        "token_rates_hz": [float(r) for r in M.token_rates(cfg)],
+        "bitrate_kbps": float(M.bitrate_kbps(cfg)),
+        "compression_ratio": float(M.compression_ratio(cfg, input_rate)),
+        "si_sdr_db": float(M.si_sdr(ref, est)[0]),
+        "mel_distance": _segmented(lambda a, b: M.mel_distance(a, b, rate), ref, est, seg),
+        "stft_distance": _segmented(M.stft_distance, ref, est, seg),
+        "pesq": M.pesq_score(ref, est, rate),
+        "stoi": M.stoi_score(ref, est, rate),
+        "encode_rtf": encode_seconds / duration,
+        "decode_rtf": decode_seconds / duration,
+    }
+
+
+TABLE_COLUMNS = (  # (key, header, format)
+    ("duration_s", "dur(s)", "{:.2f}"), ("input_sample_rate", "in Hz", "{}"), ("output_sample_rate", "out Hz", "{}"),
+    ("tokens_per_level", "tokens/level", "{}"), ("bitrate_kbps", "kbps", "{:.2f}"),
+    ("compression_ratio", "ratio", "{:.0f}"), ("si_sdr_db", "SI-SDR", "{:.2f}"), ("mel_distance", "mel", "{:.3f}"),
+    ("stft_distance", "stft", "{:.3f}"), ("pesq", "PESQ", "{:.2f}"), ("stoi", "STOI", "{:.3f}"),
+    ("encode_rtf", "enc RTF", "{:.3f}"), ("decode_rtf", "dec RTF", "{:.3f}"),
+)
+
+
+def mean_metrics(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mean of every numeric metric over ``rows`` (None where any row lacks it)."""
+    out: Dict[str, Any] = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = float(np.mean(vals))
+        elif all(isinstance(v, list) for v in vals) and len({len(v) for v in vals}) == 1:
+            out[key] = [float(x) for x in np.mean(np.array(vals, dtype=float), axis=0)]
+    return out
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "/".join(fmt.format(v) if not isinstance(v, float) else f"{v:.1f}" for v in value)
+    return fmt.format(value)
+
+
+def format_table(rows: Sequence[Tuple[str, Dict[str, Any]]]) -> str:
+    """Fixed-width text table: one ``(name, metrics)`` row per file."""
+    header = ["file"] + [h for _, h, _ in TABLE_COLUMNS]
+    body = [[name] + [_cell(m.get(k), f) for k, _, f in TABLE_COLUMNS] for name, m in rows]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def write_json(path: PathLike, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def plot_spectrograms(reference: Tensor, estimate: Tensor, rate: int, path: PathLike, title: str = "") -> Path:
+    """Save original (top) and reconstruction (bottom) log-magnitude spectrograms as an image.
+
+    reference/estimate: (T,) at ``rate`` Hz. Needs matplotlib (CodecError with the install hint).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CodecError("--plot needs matplotlib: pip install matplotlib") from None
+    n_fft = 1024
+    window = torch.hann_window(n_fft)
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for ax, x, name in zip(axes, (reference, estimate), ("original", "reconstruction")):
+        spec = torch.stft(x.float(), n_fft, hop_length=n_fft // 4, window=window, return_complex=True).abs()
+        db = 20 * torch.log10(spec.clamp_min(1e-5))
+        ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=float(db.max()) - 90,
+                  extent=(0, x.shape[-1] / rate, 0, rate / 2000))
+        ax.set_ylabel(f"{name}\nkHz")
+    axes[-1].set_xlabel("seconds")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def metrics_title(m: Dict[str, Any]) -> str:
+    """One-line summary of the metrics for a plot title."""
+    parts = [f"{m['bitrate_kbps']:.2f} kbps", f"SI-SDR {m['si_sdr_db']:.2f} dB", f"mel {m['mel_distance']:.3f}",
+             f"STFT {m['stft_distance']:.3f}"]
+    parts += [f"{k.upper()} {m[k]:.2f}" for k in ("pesq", "stoi") if m.get(k) is not None]
+    return " | ".join(parts)
