@@ -174,6 +174,9 @@ def test_manifest_formats(tmp_path):
         assert [ds[i]["id"] for i in range(3)] == ["f000", "f001", "f002"]
         if m != "m.txt":
             assert ds[1]["text"] == "t1"
+    (tmp_path / "bad.csv").write_text("path,text\na.wav,one, two\n")
+    with pytest.raises(DatasetError, match="bad.csv:2: more fields"):
+        read_manifest(tmp_path / "bad.csv")
     (tmp_path / "bad.jsonl").write_text('{"path": "a.wav"}\n{oops\n')
     with pytest.raises(DatasetError, match="bad.jsonl:2"):
         read_manifest(tmp_path / "bad.jsonl")

@@ -199,7 +199,11 @@ def _read_table(path: Path) -> List[Dict[str, Any]]:
                     except json.JSONDecodeError as e:
                         raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             return out
-        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    for n, row in enumerate(rows, 2):
+        if None in row:  # csv puts surplus fields under the key None
+            raise DatasetError(f"{path}:{n}: more fields than header columns (unquoted delimiter?)")
+    return rows
 
 
 def read_manifest(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
