@@ -595,27 +595,52 @@ class Codec:
         """Encode one audio file (any format :mod:`training.audio` reads)."""
         return next(iter(self.encode_files([path])))[1]
 
+    def _encode_group(self, group: Sequence[Path]) -> List[Tuple[Path, Union[EncodedAudio, Exception], Optional[Tensor]]]:
+        """Read and encode ``group`` in shared batches -> ``(path, EncodedAudio or error, audio (T,))``."""
+        loaded, errors = [], {}
+        for p in group:
+            try:
+                loaded.append((p, *self.load_input(p)))
+            except AudioReadError as e:
+                errors[p] = e
+        start = time.perf_counter()
+        codes = self._encode_items([x for _, x, _, _ in loaded]) if loaded else []
+        elapsed = time.perf_counter() - start
+        total = sum(x.shape[-1] for _, x, _, _ in loaded) or 1
+        done = {}
+        for (p, x, rate, n), c in zip(loaded, codes):
+            # A batch's time is shared out by length: per-file real-time factors stay comparable.
+            enc = EncodedAudio(codes=c, length=int(x.shape[-1]), sample_rate=self.sample_rate, input_sample_rate=rate,
+                               input_length=n, model=self.identity(), encode_seconds=elapsed * x.shape[-1] / total)
+            done[p] = (enc, x)
+        return [(p, errors[p], None) if p in errors else (p, *done[p]) for p in group]
+
+    def _groups(self, paths: Sequence[PathLike]) -> Iterator[List[Path]]:
+        for first in range(0, len(paths), self.batch_size):
+            yield [Path(p) for p in paths[first:first + self.batch_size]]
+
     def encode_files(self, paths: Sequence[PathLike]) -> Iterator[Tuple[Path, Union[EncodedAudio, Exception]]]:
         """Encode files in batches of ``batch_size``; yields ``(path, EncodedAudio)`` or
         ``(path, error)`` for a file that cannot be read (the others are still processed)."""
-        for first in range(0, len(paths), self.batch_size):
-            group = [Path(p) for p in paths[first:first + self.batch_size]]
-            loaded, results = [], {}
-            for p in group:
-                try:
-                    loaded.append((p, *self.load_input(p)))
-                except AudioReadError as e:
-                    results[p] = e
-            start = time.perf_counter()
-            codes = self._encode_items([x for _, x, _, _ in loaded]) if loaded else []
-            elapsed = time.perf_counter() - start
-            total = sum(x.shape[-1] for _, x, _, _ in loaded) or 1
-            for (p, x, rate, n), c in zip(loaded, codes):
-                results[p] = EncodedAudio(codes=c, length=int(x.shape[-1]), sample_rate=self.sample_rate,
-                                          input_sample_rate=rate, input_length=n, model=self.identity(),
-                                          encode_seconds=elapsed * x.shape[-1] / total)
-            for p in group:
-                yield p, results[p]
+        for group in self._groups(paths):
+            for p, result, _ in self._encode_group(group):
+                yield p, result
+
+    def roundtrip_files(self, paths: Sequence[PathLike], keep_rate: bool = False) -> Iterator["RoundTrip"]:
+        """Encode and decode files in batches; yields a :class:`RoundTrip` per path (``error`` set
+        for unreadable files). ``reference`` is the original at the output rate, for metrics."""
+        for group in self._groups(paths):
+            rows = self._encode_group(group)
+            ok = [(p, enc, x) for p, enc, x in rows if isinstance(enc, EncodedAudio)]
+            decoded = iter(self.decode_encoded([enc for _, enc, _ in ok], keep_rate=keep_rate)) if ok else iter(())
+            for p, enc, x in rows:
+                if not isinstance(enc, EncodedAudio):
+                    yield RoundTrip(p, error=enc)
+                    continue
+                audio, rate, seconds = next(decoded)
+                reference = x if rate == self.sample_rate else decode_audio(p)[0][0]
+                yield RoundTrip(p, encoded=enc, audio=audio, rate=rate, reference=fit_length(reference, audio.shape[-1]),
+                                decode_seconds=seconds)
 
     def check_encoded(self, enc: EncodedAudio, where: str = "codes") -> None:
         """Validate a loaded codes file against this model (structure, range, rate, length)."""
@@ -651,6 +676,19 @@ class Codec:
                 rate = e.input_sample_rate
             out.append((a, rate, elapsed * e.length / total))
         return out
+
+
+@dataclass
+class RoundTrip:
+    """Result of one file's round trip: audio (T,) at ``rate`` Hz and the reference at that rate."""
+
+    path: Path
+    encoded: Optional[EncodedAudio] = None
+    audio: Optional[Tensor] = None
+    rate: int = 0
+    reference: Optional[Tensor] = None
+    decode_seconds: float = 0.0
+    error: Optional[Exception] = None
 
 
 def fit_length(x: Tensor, length: int) -> Tensor:
