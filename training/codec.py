@@ -48,7 +48,7 @@ from snac.layers import NoiseBlock
 from torch import Tensor
 
 from . import metrics as M
-from .audio import AudioReadError, audio_info, decode_audio, list_audio_files, resample, save_audio
+from .audio import AudioReadError, decode_audio, list_audio_files, resample, save_audio
 from .config import ModelConfig
 from .model import ModelLoadError, load_generator
 
@@ -585,22 +585,31 @@ class Codec:
 
     # ---- files ----
 
-    def load_input(self, path: PathLike) -> Tuple[Tensor, int, int]:
-        """Read an audio file -> ((T,) at the model rate, input rate, input length)."""
-        info = audio_info(path)
-        audio, _ = decode_audio(path, self.sample_rate)
-        return audio[0], info.sample_rate, info.num_frames
+    def load_input(self, path: PathLike) -> Tuple[Tensor, Tensor, int]:
+        """Read an audio file -> ((T,) at the model rate, (T0,) at its own rate, its rate).
+
+        The file is decoded once at its own rate and resampled here, so the input length used by
+        ``--keep-rate`` is the decoded length (MP3 headers can be off by hundreds of samples).
+        """
+        native, rate = decode_audio(path)
+        return resample(native[0], rate, self.sample_rate), native[0], rate
 
     def encode_file(self, path: PathLike) -> EncodedAudio:
         """Encode one audio file (any format :mod:`training.audio` reads)."""
         return next(iter(self.encode_files([path])))[1]
 
-    def _encode_group(self, group: Sequence[Path]) -> List[Tuple[Path, Union[EncodedAudio, Exception], Optional[Tensor]]]:
-        """Read and encode ``group`` in shared batches -> ``(path, EncodedAudio or error, audio (T,))``."""
-        loaded, errors = [], {}
+    def _encode_group(self, group: Sequence[Path]) -> List[Tuple[Path, Any, Optional[Tensor], Optional[Tensor]]]:
+        """Read and encode ``group`` in shared batches.
+
+        Returns per path ``(path, EncodedAudio or AudioReadError, audio (T,) at the model rate,
+        audio (T0,) at the file's rate)``.
+        """
+        loaded, errors, natives = [], {}, {}
         for p in group:
             try:
-                loaded.append((p, *self.load_input(p)))
+                x, native, rate = self.load_input(p)
+                loaded.append((p, x, rate, native.shape[-1]))
+                natives[p] = native
             except AudioReadError as e:
                 errors[p] = e
         start = time.perf_counter()
@@ -612,8 +621,8 @@ class Codec:
             # A batch's time is shared out by length: per-file real-time factors stay comparable.
             enc = EncodedAudio(codes=c, length=int(x.shape[-1]), sample_rate=self.sample_rate, input_sample_rate=rate,
                                input_length=n, model=self.identity(), encode_seconds=elapsed * x.shape[-1] / total)
-            done[p] = (enc, x)
-        return [(p, errors[p], None) if p in errors else (p, *done[p]) for p in group]
+            done[p] = (enc, x, natives[p])
+        return [(p, errors[p], None, None) if p in errors else (p, *done[p]) for p in group]
 
     def _groups(self, paths: Sequence[PathLike]) -> Iterator[List[Path]]:
         for first in range(0, len(paths), self.batch_size):
@@ -623,7 +632,7 @@ class Codec:
         """Encode files in batches of ``batch_size``; yields ``(path, EncodedAudio)`` or
         ``(path, error)`` for a file that cannot be read (the others are still processed)."""
         for group in self._groups(paths):
-            for p, result, _ in self._encode_group(group):
+            for p, result, _, _ in self._encode_group(group):
                 yield p, result
 
     def roundtrip_files(self, paths: Sequence[PathLike], keep_rate: bool = False) -> Iterator["RoundTrip"]:
@@ -631,15 +640,15 @@ class Codec:
         for unreadable files). ``reference`` is the original at the output rate, for metrics."""
         for group in self._groups(paths):
             rows = self._encode_group(group)
-            ok = [(p, enc, x) for p, enc, x in rows if isinstance(enc, EncodedAudio)]
-            decoded = iter(self.decode_encoded([enc for _, enc, _ in ok], keep_rate=keep_rate)) if ok else iter(())
-            for p, enc, x in rows:
+            ok = [enc for _, enc, _, _ in rows if isinstance(enc, EncodedAudio)]
+            decoded = iter(self.decode_encoded(ok, keep_rate=keep_rate))
+            for p, enc, x, native in rows:
                 if not isinstance(enc, EncodedAudio):
                     yield RoundTrip(p, error=enc)
                     continue
                 audio, rate, seconds = next(decoded)
-                reference = x if rate == self.sample_rate else decode_audio(p)[0][0]
-                yield RoundTrip(p, encoded=enc, audio=audio, rate=rate, reference=fit_length(reference, audio.shape[-1]),
+                reference = x if rate == self.sample_rate else native
+                yield RoundTrip(p, encoded=enc, audio=audio, rate=rate, reference=reference,
                                 decode_seconds=seconds)
 
     def check_encoded(self, enc: EncodedAudio, where: str = "codes") -> None:
@@ -662,6 +671,8 @@ class Codec:
         Audio is trimmed to the original length; with ``keep_rate`` it is resampled to the input's
         rate and its length equals the input's length exactly.
         """
+        if not encs:
+            return []
         for e in encs:
             self.check_encoded(e)
         start = time.perf_counter()
