@@ -138,11 +138,10 @@ def _plan(args: argparse.Namespace, suffixes: Optional[tuple], out_suffix: str):
     return inputs, outputs, root is not None
 
 
-def _finish(failed: int, total: int) -> int:
-    if failed:
+def _finish(failed: int, total: int, folder: bool) -> int:
+    if failed and folder:
         _warn(f"{failed} of {total} inputs failed (reported above); the others were processed")
-        return 2
-    return 0
+    return 2 if failed else 0
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
@@ -182,7 +181,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         if args.metrics:
             write_json(args.metrics, {"model": codec.identity(), "files": [m for _, m in rows], "mean": mean})
             _say(args, f"wrote {args.metrics}")
-    return _finish(failed, len(inputs))
+    return _finish(failed, len(inputs), folder)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -200,7 +199,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         save_codes(out_of[path], enc)
         _say(args, f"wrote {out_of[path]} ({'/'.join(str(c.shape[-1]) for c in enc.codes)} tokens, "
                    f"{enc.duration:.2f} s)")
-    return _finish(failed, len(inputs))
+    return _finish(failed, len(inputs), folder)
 
 
 def _load_checked(codec, path: Path):
@@ -237,7 +236,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         for (path, out, _), (audio, rate, _) in zip(batch, codec.decode_encoded([e for _, _, e in batch], args.keep_rate)):
             save_audio(out, audio, rate)
             _say(args, f"wrote {out} ({audio.shape[-1]} samples at {rate} Hz)")
-    return _finish(failed, len(inputs))
+    return _finish(failed, len(inputs), folder)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
