@@ -26,6 +26,11 @@ def ljspeech_dir() -> Path:
     return find_test_audio() / "ljspeech-mini"
 
 
+# One intra-op thread: in-process tests then run at the same speed whether or not other processes
+# (subprocess tests, a second pytest) share the machine's two cores, and results are reproducible.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
