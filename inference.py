@@ -42,11 +42,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto = bf16 autocast on CUDA, fp32 elsewhere; the nearest-code search is always fp32")
-    p.add_argument("--chunk-seconds", type=float, default=20.0, metavar="S",
+    p.add_argument("--chunk-seconds", type=float, default=10.0, metavar="S",
                    help="long audio is processed in chunks of this many seconds plus the model's receptive "
-                        "field on each side; results equal one-shot processing (default: 20)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="files read together and chunks per forward pass (default: 8)")
+                        "field on each side; results equal one-shot processing (default: 10)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="files read together and chunks per forward pass; memory grows with "
+                        "N x (chunk + 2 x context) samples (default: 8 on CUDA, 2 on CPU)")
     p.add_argument("--noise-seed", type=int, default=0, metavar="N",
                    help="seed of the decoder's noise blocks: the same seed gives identical audio (default: 0)")
     p.add_argument("--no-recursive", action="store_true", help="for folder inputs, do not descend into sub-folders")
@@ -115,7 +116,7 @@ def _warn(msg: str) -> None:
 def _codec(args: argparse.Namespace):
     from training.codec import load_codec
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not args.chunk_seconds > 0:
         raise UsageError(f"--chunk-seconds must be positive, got {args.chunk_seconds}")

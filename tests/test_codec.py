@@ -114,12 +114,12 @@ def test_receptive_field_bounds_measured_influence(codec):
 
 def test_batched_items_equal_single_items(codec):
     a, b = _speechlike(2.2, seed=1)[0, 0], _speechlike(0.7, seed=2)[0, 0]
-    together = codec._encode_items([a, b])
-    alone = codec._encode_items([b])
+    together = codec.encode_many([a, b])
+    alone = codec.encode_many([b])
     for x, y in zip(together[1], alone[0]):
         assert torch.equal(x, y)
-    dec_together = codec._decode_items(together)
-    dec_alone = codec._decode_items(alone)
+    dec_together = codec.decode_many(together)
+    dec_alone = codec.decode_many(alone)
     assert torch.allclose(dec_together[1], dec_alone[0], atol=1e-5)
 
 

@@ -55,8 +55,11 @@ from .model import ModelLoadError, load_generator
 PathLike = Union[str, os.PathLike]
 
 CODES_FORMAT_VERSION = 1
-DEFAULT_CHUNK_SECONDS = 20.0  # ours: ~2.5 % context overhead at 24 kHz, a few hundred MB of activations
-DEFAULT_BATCH_SIZE = 8  # ours: windows per forward pass (folders)
+DEFAULT_CHUNK_SECONDS = 10.0  # ours: 2 x 0.34 s context is ~7 % overhead at 24 kHz; activations stay small
+DEFAULT_BATCH_SIZE = None  # ours: None = 8 windows per forward pass on GPU, 2 on CPU (see below)
+# On CPU a batch adds no parallelism (one window already keeps every core busy) and large batches
+# spend their time in page faults of multi-GB activations, so CPU batches stay small.
+GPU_BATCH_SIZE, CPU_BATCH_SIZE = 8, 2
 NOISE_TILE = 4096  # samples per independently seeded noise tile
 
 
@@ -322,7 +325,7 @@ class Codec:
     """
 
     def __init__(self, model: snac.SNAC, cfg: ModelConfig, device: Optional[str] = None, precision: str = "auto",
-                 chunk_seconds: float = DEFAULT_CHUNK_SECONDS, batch_size: int = DEFAULT_BATCH_SIZE,
+                 chunk_seconds: float = DEFAULT_CHUNK_SECONDS, batch_size: Optional[int] = DEFAULT_BATCH_SIZE,
                  noise_seed: int = 0, source: str = ""):
         self.device = select_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
@@ -330,6 +333,8 @@ class Codec:
         self.cfg = cfg
         self.source = str(source)
         self.noise_seed = int(noise_seed)
+        if batch_size is None:
+            batch_size = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
         if batch_size < 1:
             raise CodecError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -481,7 +486,7 @@ class Codec:
 
     # ---- windowed processing of many items ----
 
-    def _encode_items(self, items: Sequence[Tensor]) -> List[List[Tensor]]:
+    def encode_many(self, items: Sequence[Tensor]) -> List[List[Tensor]]:
         """items: (T_i,) float tensors at the model rate -> per item, per level codes (n_l,)."""
         q, hop = self.cfg.pad_multiple, self.hop_length
         padded = [_round_up(int(x.shape[-1]), q) for x in items]
@@ -505,7 +510,7 @@ class Codec:
                         c[b, (w.keep_start - w.start) // unit:(w.keep_stop - w.start) // unit]
         return out
 
-    def _decode_items(self, items: Sequence[List[Tensor]]) -> List[Tensor]:
+    def decode_many(self, items: Sequence[List[Tensor]]) -> List[Tensor]:
         """items: per item, per level codes (n_l,) -> per item audio (n_latent * hop,) float32 (CPU)."""
         hop, q = self.hop_length, self.cfg.pad_multiple // self.hop_length
         frames = [int(c[0].shape[-1]) * self.cfg.vq_strides[0] for c in items]
@@ -547,7 +552,7 @@ class Codec:
     def encode(self, audio: Tensor) -> List[Tensor]:
         """audio: (B, 1, T) (or (B, T), (T,)) at the model rate -> per level (B, n_l) int64 codes."""
         x = self._as_batch(audio)
-        per_item = self._encode_items([row[0] for row in x])
+        per_item = self.encode_many([row[0] for row in x])
         return [torch.stack([item[level] for item in per_item]) for level in range(self.n_levels)]
 
     def check_codes(self, codes: Sequence[Tensor], where: str = "codes") -> None:
@@ -575,7 +580,7 @@ class Codec:
         codes = [c[None] if c.dim() == 1 else c for c in codes]
         self.check_codes(codes)
         items = [[c[b].long().cpu() for c in codes] for b in range(codes[0].shape[0])]
-        audio = torch.stack(self._decode_items(items))[:, None]
+        audio = torch.stack(self.decode_many(items))[:, None]
         return audio if length is None else audio[..., :length]
 
     def roundtrip(self, audio: Tensor) -> Tensor:
@@ -613,7 +618,7 @@ class Codec:
             except AudioReadError as e:
                 errors[p] = e
         start = time.perf_counter()
-        codes = self._encode_items([x for _, x, _, _ in loaded]) if loaded else []
+        codes = self.encode_many([x for _, x, _, _ in loaded]) if loaded else []
         elapsed = time.perf_counter() - start
         total = sum(x.shape[-1] for _, x, _, _ in loaded) or 1
         done = {}
@@ -676,7 +681,7 @@ class Codec:
         for e in encs:
             self.check_encoded(e)
         start = time.perf_counter()
-        audio = self._decode_items([[c.long() for c in e.codes] for e in encs])
+        audio = self.decode_many([[c.long() for c in e.codes] for e in encs])
         elapsed = time.perf_counter() - start
         total = sum(e.length for e in encs) or 1
         out = []
@@ -708,7 +713,7 @@ def fit_length(x: Tensor, length: int) -> Tensor:
 
 
 def load_codec(path_or_id: PathLike, device: Optional[str] = None, precision: str = "auto",
-               chunk_seconds: float = DEFAULT_CHUNK_SECONDS, batch_size: int = DEFAULT_BATCH_SIZE,
+               chunk_seconds: float = DEFAULT_CHUNK_SECONDS, batch_size: Optional[int] = DEFAULT_BATCH_SIZE,
                noise_seed: int = 0) -> Codec:
     """A :class:`Codec` from our checkpoint (file or run dir), a SNAC directory or a hub id.
 
