@@ -233,8 +233,28 @@ def load_settings_file(path: str) -> Settings:
     return settings_from_dict(data or {})
 
 
+def constant_defaults(sources: Sequence[SourceSpec]) -> Dict[str, Any]:
+    """Every constant key of the job and the value written for sources that do not set it.
+
+    The value is the empty value of the key's type ("" / 0 / 0.0 / False), never null:
+    ``datasets`` infers each shard's schema from its own lines and cannot merge a shard whose
+    column is all null with one where it holds strings or numbers.
+    """
+    zero = {str: "", int: 0, float: 0.0, bool: False}
+    types: Dict[str, type] = {}
+    for spec in sources:
+        for key, value in spec.constants().items():
+            if type(value) not in zero:
+                raise TokenizeError(f"add_constant {key!r}: value {value!r} must be a string, number or boolean")
+            if types.setdefault(key, type(value)) is not type(value):
+                raise TokenizeError(f"add_constant {key!r} has values of different types across datasets "
+                                    f"({types[key].__name__} and {type(value).__name__})")
+    return {key: zero[t] for key, t in types.items()}
+
+
 def validate(s: Settings) -> None:
     """Cross-field checks; raises TokenizeError naming the offending key."""
+    constant_defaults(s.sources)
     if not s.audio_codec:
         raise TokenizeError("no model given: set base_settings.audio_codec or --audio_codec")
     if not s.sources:
@@ -703,12 +723,11 @@ class ReaderJob:
 
 
 def _row_fields(src: OpenSource, row: Mapping[str, Any]) -> Dict[str, Any]:
-    def text_of(col: Optional[str]) -> Optional[str]:
-        return None if col is None or row.get(col) is None else str(row[col])
+    # "" rather than null for a missing value: see constant_defaults for why shards avoid nulls.
+    def text_of(col: Optional[str]) -> str:
+        return "" if col is None or row.get(col) is None else str(row[col])
 
-    name = row.get("id")
-    return {"name": None if name is None else str(name), "text": text_of(src.text_column),
-            "speaker": text_of(src.speaker_column)}
+    return {"name": text_of("id"), "text": text_of(src.text_column), "speaker": text_of(src.speaker_column)}
 
 
 def reader_main(job: ReaderJob, audio_q: Any, result_q: Any, parent: int) -> None:
@@ -825,8 +844,8 @@ class _Encoder:
 
     def _line(self, src_no: int, index: int, fields: Dict[str, Any], seconds: float, levels: List[np.ndarray]) -> str:
         key = self.job.keys[src_no]
-        rec: Dict[str, Any] = {"id": f"{key}/{index}", "source": key, "index": index, "name": fields["name"],
-                               "text": fields["text"]}
+        rec: Dict[str, Any] = {"id": f"{key}/{index}", "source": key, "index": index,
+                               "name": fields["name"] or str(index), "text": fields["text"]}
         if self.job.with_speaker:
             rec["speaker"] = fields["speaker"]
         rec.update(self.job.constants[src_no])
@@ -1015,8 +1034,8 @@ def _reader_jobs(sources: List[OpenSource], pending: List[np.ndarray], n: int, r
 def _worker_jobs(s: Settings, devices: List[str], sources: List[OpenSource]) -> List[WorkerJob]:
     gpu = devices[0].startswith("cuda")
     batch = s.batch_size or (64 if gpu else 8)
-    const_keys = list(dict.fromkeys(k for src in sources for k in src.spec.constants()))
-    constants = [{k: src.spec.constants().get(k) for k in const_keys} for src in sources]
+    defaults = constant_defaults([src.spec for src in sources])
+    constants = [{**defaults, **src.spec.constants()} for src in sources]
     threads = s.threads or (0 if gpu else max(1, (os.cpu_count() or 1) // len(devices)))
     return [WorkerJob(w, s.audio_codec, dev, s.precision, batch, s.bucket_clips or 16 * batch, threads, s.flatten,
                       [src.key for src in sources], constants, any(src.speaker_column for src in sources))
@@ -1062,10 +1081,11 @@ def _pipeline(s: Settings, sources: List[OpenSource], pending: List[np.ndarray],
     children, parent = _Children(), os.getpid()
     finished: Dict[str, set] = {"reader": set(), "worker": set()}
     try:
-        for w in workers:
-            children.start(ctx, "worker", w.worker, worker_main, (w, audio_q, result_q, parent))
+        # Readers first: they fill the queue while the workers load the model.
         for r in readers:
             children.start(ctx, "reader", r.reader, reader_main, (r, audio_q, result_q, parent))
+        for w in workers:
+            children.start(ctx, "worker", w.worker, worker_main, (w, audio_q, result_q, parent))
         while len(finished["worker"]) < len(workers):
             try:
                 msg = result_q.get(timeout=1.0)
@@ -1204,6 +1224,7 @@ def _load_shards(state: OutputState) -> Any:
 
     cache = state.state_dir / f"hf_cache{os.getpid()}"
     atexit.register(shutil.rmtree, cache, True)
+    hf.disable_progress_bars()  # the summary reports the result; keep stderr for errors
     return hf.load_dataset("json", data_files=[str(p) for p in state.shards()], split="train", cache_dir=str(cache))
 
 
