@@ -293,3 +293,17 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model, manifest, tmp_path, capsys
     (tmp_path / "taken").mkdir()
     assert main([*ok, "--save_local", str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_example_config_parses_with_every_documented_key():
+    from training.tokenize import load_settings_file, validate
+
+    s = load_settings_file(str(ROOT / "examples" / "tokenize_config.yaml"))
+    validate(s)
+    assert (s.audio_codec, s.num_readers, s.qsize, s.OUT_DIR, s.gzip_level, s.buffer_size, s.lines_per_file,
+            s.load_dataset_num_proc) == ("hubertsiuzdak/snac_24khz", 8, 100000, "shards", 1, 16777216, 50000, 20)
+    assert (s.save_local, s.hf_upload) == ("train_dataset", "your_username/your_dataset")
+    src = s.sources[0]
+    assert (src.name, src.sub_name, src.split, src.text_column_name, src.audio_column_name,
+            src.speaker_column_name, src.constants()) == (
+        "mozilla-foundation/common_voice_11_0", "en", "train", "sentence", "audio", None, {"lang": "en"})

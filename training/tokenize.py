@@ -1258,7 +1258,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: complete lines were committed; rerun the same command to resume", file=sys.stderr)
         return 130
-    except RuntimeError as e:
+    except (PermissionError, FileExistsError, NotADirectoryError) as e:  # e.g. an OUT_DIR we may not write
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as e:  # a crashed child, a full disk: rows stay pending for a rerun
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary.text())
