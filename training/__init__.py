@@ -1,5 +1,19 @@
-"""SNAC training toolkit: configs, training forward, discriminators, losses, data, training loop."""
+"""SNAC training toolkit: train, run and deploy SNAC multi-scale neural audio codecs.
 
+Public API (everything importable from ``training``); see README.md for the command-line tools.
+"""
+
+from .audio import (
+    AUDIO_EXTENSIONS,
+    AudioInfo,
+    AudioReadError,
+    audio_info,
+    decode_audio,
+    list_audio_files,
+    load_audio,
+    resample,
+    save_audio,
+)
 from .config import (
     DATASET_CONFIGS,
     MODEL_PRESETS,
@@ -18,4 +32,62 @@ from .config import (
     load_config,
     save_config,
     to_config,
+)
+from .dataset import (
+    AudioDataset,
+    CombinedAudioDataset,
+    DatasetError,
+    InfiniteLoader,
+    StreamingAudioDataset,
+    build_dataloaders,
+    collate_audio,
+    prepare_dataset,
+)
+from .discriminators import (
+    Discriminator,
+    MultiPeriodDiscriminator,
+    MultiScaleSTFTDiscriminator,
+    PeriodDiscriminator,
+    STFTDiscriminator,
+)
+from .losses import (
+    GeneratorLoss,
+    MelSpectrogramLoss,
+    MultiResolutionSTFTLoss,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    mel_filterbank,
+)
+from .metrics import (
+    bitrate_kbps,
+    codebook_stats,
+    compression_ratio,
+    mel_distance,
+    pesq_score,
+    si_sdr,
+    stft_distance,
+    stoi_score,
+    token_rates,
+)
+from .model import (
+    DeadCodeRestarter,
+    ModelLoadError,
+    TrainOutput,
+    build_generator,
+    export_snac,
+    load_generator,
+    train_forward,
+)
+from .train import (
+    TrainingError,
+    TrainState,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    setup_dataset,
+    setup_models,
+    setup_optimizers,
+    train_main,
+    train_step,
 )

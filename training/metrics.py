@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .losses import MelSpectrogramLoss, MultiResolutionSTFTLoss, check_audio_pair
+from .model import codebook_stats as _codebook_stats  # the tensor version used on the training path
 
 # ITU-T P.862.2 wide-band PESQ is defined for 16 kHz audio only.
 PESQ_SAMPLE_RATE = 16000
@@ -95,6 +96,7 @@ def compression_ratio(model_cfg: ModelConfig, input_sample_rate: int, bits_per_s
 # --------------------------------------------------------------------------------------
 
 
+
 def codebook_stats(codes: Tensor, codebook_size: int) -> Tuple[float, float]:
     """Usage and perplexity of one codebook from a batch of its codes.
 
@@ -114,11 +116,8 @@ def codebook_stats(codes: Tensor, codebook_size: int) -> Tuple[float, float]:
     if int(flat.min()) < 0 or int(flat.max()) >= codebook_size:
         raise ValueError(f"codes must lie in [0, {codebook_size}), got range "
                          f"[{int(flat.min())}, {int(flat.max())}]")
-    counts = torch.bincount(flat.long(), minlength=codebook_size).double()
-    probs = counts[counts > 0] / counts.sum()
-    entropy = -(probs * probs.log()).sum()
-    usage = float((counts > 0).sum()) / codebook_size
-    return usage, float(entropy.exp())
+    usage, perplexity = _codebook_stats(flat.long(), codebook_size)
+    return float(usage), float(perplexity)
 
 
 # --------------------------------------------------------------------------------------
