@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.cli import fail, guard
+from training.cli import OneLineParser, guard
 from training.config import (DATASET_CONFIGS, MODEL_PRESETS, ConfigError, apply_dataset_preset, apply_overrides,
                              create_training_config, load_config, model_preset, set_dotted)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_snac.py", description=__doc__,
+    p = OneLineParser(prog="train_snac.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="JSON or YAML config file (sections model/data/loss/"
                    "discriminator/optim/train, or the legacy model/training/data/paths layout)")

@@ -185,3 +185,38 @@ def test_overfitting_one_real_clip_lowers_mel_distance(tmp_path, ljspeech_dir):
         train_step(state, batch)
     end = evaluate(state, [batch])["val/mel"]
     assert end < 0.6 * start, (start, end)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["--set", "optim.lr=fast"], "'optim.lr' expects float"),
+    (["--preset", "99khz"], "invalid choice: '99khz'"),
+    (["--batch_size", "two"], "invalid int value: 'two'"),
+    (["--config", "/nonexistent/c.yaml"], "config file not found"),
+    (["--dataset_path", "/nonexistent/folder", "--preset", "tiny"], "nonexistent"),
+    (["--init_from", "/nonexistent/model", "--dataset_path", "."], "model not found"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    r = run_cli([*args, "--run_dir", str(tmp_path / "r"), "--max_steps", "1"])
+    assert r.returncode == 2, r.stderr[-1500:]
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and "warnings.warn" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_finetune_from_exported_model_with_frozen_encoder(tmp_path):
+    from training.config import model_preset
+    from training.model import build_generator, export_snac
+
+    torch.manual_seed(0)
+    pretrained = build_generator(model_preset("tiny"))
+    export_snac(pretrained, model_preset("tiny"), tmp_path / "pretrained")
+    cfg = _tiny_cfg(tmp_path, **{"train.init_from": str(tmp_path / "pretrained"), "train.freeze_encoder": True})
+    state = build_state(cfg, torch.device("cpu"))
+    start = {k: v.clone() for k, v in state.generator.state_dict().items()}
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in start.items())  # weights really loaded
+    for _ in range(2):
+        train_step(state, {"audio": 0.1 * torch.randn(2, 1, cfg.segment_length())})
+    after = state.generator.state_dict()
+    assert all(torch.equal(after[k], start[k]) for k in start if k.startswith("encoder."))
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("decoder."))
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("quantizer."))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from contextlib import contextmanager
 from typing import Iterator, NoReturn, Tuple, Type
@@ -50,3 +51,10 @@ def guard() -> Iterator[None]:
         sys.exit(130)
     except user_error_types() as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one ``error:`` line (not usage + message), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
