@@ -14,6 +14,17 @@ from .audio import (
     resample,
     save_audio,
 )
+from .codec import (
+    Codec,
+    CodecError,
+    EncodedAudio,
+    compute_metrics,
+    load_codec,
+    load_codes,
+    receptive_field,
+    save_codes,
+    select_device,
+)
 from .config import (
     DATASET_CONFIGS,
     MODEL_PRESETS,
@@ -79,6 +90,9 @@ from .model import (
     load_generator,
     train_forward,
 )
+from .tokenize import Settings as TokenizeSettings
+from .tokenize import TokenizeError, flatten_order, load_settings_file
+from .tokenize import run as tokenize_dataset
 from .train import (
     TrainingError,
     TrainState,
