@@ -73,7 +73,7 @@ def _roundtrip_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="inference.py", description=__doc__.split("\n\n")[0] + ". " + COMPRESSION_HELP + ".",
+    parser = _Parser(prog="inference.py", description=__doc__.split("\n\n")[0].split(" (")[0] + ". " + COMPRESSION_HELP + ".",
                      epilog="Without a command, the arguments are those of `roundtrip`: "
                             "python inference.py --checkpoint PATH --input audio.wav --output result.wav")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -220,3 +220,20 @@ def test_finetune_from_exported_model_with_frozen_encoder(tmp_path):
     assert all(torch.equal(after[k], start[k]) for k in start if k.startswith("encoder."))
     assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("decoder."))
     assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("quantizer."))
+
+
+def test_finetune_run_resumes_with_the_pretrained_architecture(tmp_path, ljspeech_dir):
+    from training.config import ModelConfig
+    from training.model import build_generator, export_snac
+
+    # A pretrained model whose architecture differs from the --preset given on the command line.
+    cfg = ModelConfig(encoder_dim=8, decoder_dim=32, codebook_size=128)
+    export_snac(build_generator(cfg), cfg, tmp_path / "pretrained")
+    args = [*FAST, "--dataset_path", str(ljspeech_dir), "--init_from", str(tmp_path / "pretrained"),
+            "--run_dir", str(tmp_path / "ft")]
+    assert run_cli([*args, "--max_steps", "1"]).returncode == 0
+    r = run_cli([*args, "--max_steps", "2"])
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "at step 1" in r.stderr
+    ckpt = torch.load(tmp_path / "ft" / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["model"]["decoder_dim"] == 32

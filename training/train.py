@@ -587,6 +587,19 @@ def _run_eval(state: TrainState, val_batches, logger: RunLogger, loader) -> Opti
     return mel
 
 
+def _agree_on_resume(local: bool, latest: Path, world: int, device: torch.device) -> bool:
+    """Rank 0 decides whether to resume; a rank that cannot see its checkpoint is an error, not a
+    silent fresh start (that would desynchronize the ranks' step counts and hang)."""
+    if world <= 1:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=device)  # NCCL needs a device tensor
+    dist.broadcast(flag, src=0)
+    if flag.item() and not local:
+        raise TrainingError(f"rank {dist.get_rank()} cannot see {latest}: --run_dir must be on a filesystem "
+                            "shared by all nodes")
+    return bool(flag.item())
+
+
 def train_main(config) -> Dict[str, Any]:
     """Train until ``train.max_steps``; resume from ``<run_dir>/checkpoints/latest.pt`` when present.
 
@@ -607,9 +620,12 @@ def train_main(config) -> Dict[str, Any]:
                 print(f"--no-resume: previous checkpoints kept in {moved}", file=sys.stderr)
     if world > 1:
         dist.barrier()
-    resuming = cfg.train.resume and latest.is_file()
-    if resuming and cfg.train.init_from:
-        cfg.train.init_from = None  # the checkpoint already holds the fine-tuned weights
+    resuming = _agree_on_resume(cfg.train.resume and latest.is_file(), latest, world, device)
+    if resuming:
+        # The checkpoint holds the architecture and the (possibly fine-tuned) weights: a run started
+        # with --init_from or another preset resumes as what it actually trained.
+        cfg.model = to_config({"model": torch.load(latest, map_location="cpu", weights_only=True)["config"]["model"]}).model
+        cfg.train.init_from = None
     state = build_state(cfg, device, rank, world)
     loader, val_batches = setup_dataset(cfg, rank, world)
     if resuming:
