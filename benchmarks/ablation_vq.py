@@ -35,7 +35,8 @@ def launch(arm: str, args) -> subprocess.Popen:
            "--set", f"data.segment_seconds={args.segment}", "--set", "data.val_segment_seconds=2.0",
            "--set", f"data.val_items={args.val_items}", "--set", "data.num_workers=0",
            "--set", f"train.eval_every={args.eval_every}", "--set", "train.eval_batches=100",
-           "--set", f"train.checkpoint_every={args.steps}", "--set", "train.log_every=25", *ARMS[arm]]
+           "--set", f"train.checkpoint_every={args.steps}", "--set", "train.log_every=25",
+           "--set", f"train.dead_code_steps={args.dead_code_steps}", *ARMS[arm]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log = open(args.out / f"{arm}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -55,6 +56,8 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--segment", type=float, default=0.34, help="training crop, seconds")
     p.add_argument("--val_items", type=int, default=4, help="clips held out for validation")
+    p.add_argument("--dead_code_steps", type=int, default=1000,
+                   help="train.dead_code_steps for both arms (1000 = the default; 0 disables restarts)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation_vq")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,7 @@ def main() -> int:
     evals = {arm: evaluations(args.out / arm) for arm in ARMS}
     levels = sum(1 for k in next(iter(evals["vq"].values())) if k.startswith("val/codebook_usage_level"))
     print(f"preset {args.preset}, {args.data.name}, batch {args.batch_size} x {args.segment} s, {args.steps} steps, "
-          f"{args.val_items} held-out clips (2 s first segments); both arms took {minutes:.1f} min wall in parallel\n")
+          f"{args.val_items} held-out clips (2 s first segments), dead_code_steps={args.dead_code_steps}; both arms took {minutes:.1f} min wall in parallel\n")
     usage_cols = " | ".join(f"usage L{i} (vq / frozen)" for i in range(levels))
     print(f"| step | val mel (vq) | val mel (frozen) | {usage_cols} |")
     print("|---:|---:|---:|" + "---:|" * levels)
