@@ -8,14 +8,16 @@
 Each mode builds a fresh TrainState (same seed) and runs warm-up steps, then timed steps of
 discriminator + generator updates on batches drawn from the real data loader (ljspeech-mini, or
 --data PATH). Reported per mode: ms per step (median), audio seconds trained per wall second,
-peak memory (CUDA: max allocated; CPU: peak RSS growth of this process), and data-wait ms per
+peak memory (CUDA: max allocated; CPU: peak RSS of the mode's own process), and data-wait ms per
 step (time blocked in ``next(loader)``), plus the speed ratio against fp32 eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import statistics
 import sys
 import time
@@ -61,7 +63,6 @@ def run_mode(name: str, args) -> dict:
     loader, _ = build_dataloaders(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss_before = peak_rss_mb()
     step_ms, wait_ms = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -74,7 +75,7 @@ def run_mode(name: str, args) -> dict:
             step_ms.append(1000 * (t2 - t0))
     seconds_per_batch = cfg.data.batch_size * cfg.segment_length() / cfg.model.sampling_rate
     ms = statistics.median(step_ms)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb() - rss_before
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"mode": name, "ms_per_step": ms, "audio_s_per_s": seconds_per_batch / (ms / 1000),
             "peak_mb": peak, "data_wait_ms": statistics.median(wait_ms)}
 
@@ -90,6 +91,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one mode, JSON out
     args = p.parse_args()
     args.data = args.data or default_data()
     gpu = args.device.startswith("cuda")
@@ -98,9 +100,17 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"preset {args.preset}, batch {args.batch_size} x 0.8 s (rounded up to the pad unit), device {device_name}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, torch {torch.__version__}")
+    if args.single:
+        print(json.dumps(run_mode(args.single, args)))
+        return 0
     rows = []
     for m in modes:
-        rows.append(run_mode(m, args))
+        # One process per mode: peak memory (CPU: max RSS) is then that mode's own high-water mark.
+        cmd = [sys.executable, __file__, "--single", m, "--device", args.device, "--preset", args.preset,
+               "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--workers", str(args.workers), "--data", str(args.data)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"  measured {m}: {r['ms_per_step']:.0f} ms/step", flush=True)
     base = rows[0]["ms_per_step"]
