@@ -448,9 +448,11 @@ def save_checkpoint(state: TrainState, loader=None, tags: Iterable[str] = ("late
     return first
 
 
-def load_checkpoint(state: TrainState, path: os.PathLike, loader=None) -> None:
-    """Restore ``state`` (and the data position of ``loader``) from a checkpoint file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
+    """Restore ``state`` (and the data position of ``loader``) from a checkpoint file, or from a
+    checkpoint dict already read from ``source``."""
+    ckpt = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=True)
+    path = source if isinstance(path, dict) else path
     saved_model = ckpt["config"]["model"]
     if to_config({"model": saved_model}).model != state.cfg.model:
         raise TrainingError(f"{path} was trained with a different model config; "
@@ -624,12 +626,14 @@ def train_main(config) -> Dict[str, Any]:
     if resuming:
         # The checkpoint holds the architecture and the (possibly fine-tuned) weights: a run started
         # with --init_from or another preset resumes as what it actually trained.
-        cfg.model = to_config({"model": torch.load(latest, map_location="cpu", weights_only=True)["config"]["model"]}).model
+        ckpt = torch.load(latest, map_location="cpu", weights_only=True)
+        cfg.model = to_config({"model": ckpt["config"]["model"]}).model
         cfg.train.init_from = None
     state = build_state(cfg, device, rank, world)
     loader, val_batches = setup_dataset(cfg, rank, world)
     if resuming:
-        load_checkpoint(state, latest, loader)
+        load_checkpoint(state, ckpt, loader, source=latest)
+        del ckpt
         if rank == 0:
             print(f"resumed from {latest} at step {state.step}", file=sys.stderr)
     if rank == 0:
