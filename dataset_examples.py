@@ -6,7 +6,7 @@
     python dataset_examples.py --hub librispeech_streaming   # needs network (and hub access)
 
 Offline examples use the LJ Speech-layout test corpus (``--audio-dir``, default
-``../shared/audio/ljspeech-mini``) and write temporary files under ``--work-dir``. Each example
+``tests/data/ljspeech-mini``) and write temporary files under ``--work-dir``. Each example
 returns the first batch it loaded so tests can check it.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable, Dict
 from training.config import create_training_config
 from training.dataset import AudioDataset, CombinedAudioDataset, DatasetError, build_dataloaders, collate_audio
 
-DEFAULT_AUDIO = Path(__file__).resolve().parent.parent / "shared" / "audio" / "ljspeech-mini"
+DEFAULT_AUDIO = Path(__file__).resolve().parent / "tests" / "data" / "ljspeech-mini"
 SAMPLE_RATE = 24000
 
 

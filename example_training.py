@@ -6,7 +6,7 @@
     python example_training.py --work-dir runs/examples finetune_pretrained   # needs network
 
 Offline examples train the ``tiny`` preset for a few steps on CPU, on the LJ Speech-layout test
-corpus (``--audio-dir``, default ``../shared/audio/ljspeech-mini``; a small synthetic corpus is
+corpus (``--audio-dir``, default ``tests/data/ljspeech-mini``; a small synthetic corpus is
 generated when it is missing). Runs and exports go under ``--work-dir`` (default: a temporary
 folder). The numbers they print show that things run, not how good a codec is: a few steps of a
 tiny model on a few clips reconstruct nothing well.
@@ -15,7 +15,6 @@ tiny model on a few clips reconstruct nothing well.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from training import (Config, Discriminator, GeneratorLoss, create_training_conf
                       load_config, save_config, to_config, train_forward, train_main)
 from training.config import TINY_DISCRIMINATOR, model_preset
 
-DEFAULT_AUDIO = Path(__file__).resolve().parent.parent / "shared" / "audio" / "ljspeech-mini"
+DEFAULT_AUDIO = Path(__file__).resolve().parent / "tests" / "data" / "ljspeech-mini"
 
 # Small settings for a CPU: short crops, no DataLoader worker processes, little validation.
 FAST = {
@@ -198,10 +197,8 @@ def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="examples to run (default: every offline example)")
     p.add_argument("--list", action="store_true", help="list the examples and exit")
-    env = os.environ.get("SNAC_TEST_AUDIO_DIR")
-    p.add_argument("--audio-dir", type=Path, default=Path(env) / "ljspeech-mini" if env else DEFAULT_AUDIO,
-                   help="LJ Speech-layout folder (default: $SNAC_TEST_AUDIO_DIR/ljspeech-mini, "
-                        "else ../shared/audio/ljspeech-mini)")
+    p.add_argument("--audio-dir", type=Path, default=DEFAULT_AUDIO,
+                   help="LJ Speech-layout folder (default: tests/data/ljspeech-mini, shipped with the repository)")
     p.add_argument("--work-dir", type=Path, help="runs and exports go here (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.list:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does training the codebooks matter? VQ losses on vs off, on real speech, from one run.
 
-    python benchmarks/ablation_vq.py [--data ../shared/audio/ljspeech-mini] [--steps 400] [--preset tiny]
+    python benchmarks/ablation_vq.py [--data tests/data/ljspeech-mini] [--steps 400] [--preset tiny]
 
 Trains the same preset twice on the same data with the same seed, in parallel processes (one
 thread each), through the real CLI (train_snac.py):
@@ -49,7 +49,7 @@ def evaluations(run_dir: Path):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "audio" / "ljspeech-mini")
+    p.add_argument("--data", type=Path, default=ROOT / "tests" / "data" / "ljspeech-mini")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval_every", type=int, default=100)

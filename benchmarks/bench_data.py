@@ -71,7 +71,7 @@ def naive_crop(values: list, seg: int, make_decoder: Callable) -> Callable[[int]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--audio-dir", default=str(ROOT.parent / "shared" / "audio" / "ljspeech-mini"),
+    parser.add_argument("--audio-dir", default=str(ROOT / "tests" / "data" / "ljspeech-mini"),
                         help="LJ Speech-layout folder with FLAC, MP3 and WAV clips")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
     args = parser.parse_args(argv)

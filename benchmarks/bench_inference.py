@@ -31,7 +31,7 @@ from training.codec import Codec  # noqa: E402
 from training.config import model_preset  # noqa: E402
 from training.model import build_generator  # noqa: E402
 
-DEFAULT_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio" / "ljspeech-mini" / "wavs"
+DEFAULT_AUDIO = Path(__file__).resolve().parents[1] / "tests" / "data" / "ljspeech-mini" / "wavs"
 
 
 def _best(fn, repeats: int) -> float:

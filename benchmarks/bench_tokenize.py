@@ -43,12 +43,11 @@ from training.model import build_generator, export_snac, load_generator  # noqa:
 
 
 def find_clips() -> List[Path]:
-    """ljspeech-mini clips: $SNAC_TEST_AUDIO_DIR or ../shared/audio next to the repository."""
-    for base in filter(None, [os.environ.get("SNAC_TEST_AUDIO_DIR"), str(ROOT.parent / "shared" / "audio")]):
-        folder = Path(base) / "ljspeech-mini" / "wavs"
-        if folder.is_dir():
-            return list_audio_files(folder)
-    sys.exit("error: ljspeech-mini not found; set SNAC_TEST_AUDIO_DIR")
+    """The ljspeech-mini clips shipped with the repository (tests/data)."""
+    folder = ROOT / "tests" / "data" / "ljspeech-mini" / "wavs"
+    if not folder.is_dir():
+        sys.exit(f"error: {folder} not found (the repository's test audio is missing)")
+    return list_audio_files(folder)
 
 
 def naive_loop(model_dir: Path, clips: Sequence[Path], device: str, jit_profiling: bool) -> Dict[str, float]:

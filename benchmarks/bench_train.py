@@ -42,7 +42,7 @@ MODES = {
 
 
 def default_data() -> Path:
-    for c in (ROOT.parent / "shared" / "audio" / "ljspeech-mini", ROOT / "demo_run" / "corpus"):
+    for c in (ROOT / "tests" / "data" / "ljspeech-mini", ROOT / "demo_run" / "corpus"):
         if c.is_dir():
             return c
     raise SystemExit("no benchmark audio: pass --data PATH (a folder of audio files)")

@@ -1,6 +1,5 @@
 """Shared fixtures: the real test corpus, deterministic seeds, small helpers."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -9,21 +8,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def find_test_audio() -> Path:
-    """ljspeech-mini: $SNAC_TEST_AUDIO_DIR, else ../shared/audio next to the repository."""
-    candidates = []
-    if os.environ.get("SNAC_TEST_AUDIO_DIR"):
-        candidates.append(Path(os.environ["SNAC_TEST_AUDIO_DIR"]))
-    candidates += [ROOT.parent / "shared" / "audio", ROOT.parent.parent / "shared" / "audio"]
-    for c in candidates:
-        if (c / "ljspeech-mini" / "metadata.csv").is_file():
-            return c
-    pytest.skip("test audio not found: set SNAC_TEST_AUDIO_DIR to the folder holding ljspeech-mini/")
+# The real test corpus ships with the repository (32 public-domain LJ Speech clips, see data/README.md).
+LJSPEECH_DIR = ROOT / "tests" / "data" / "ljspeech-mini"
 
 
 @pytest.fixture(scope="session")
 def ljspeech_dir() -> Path:
-    return find_test_audio() / "ljspeech-mini"
+    # A missing corpus is a broken checkout: fail loudly rather than skip the real-audio tests.
+    if not (LJSPEECH_DIR / "metadata.csv").is_file():
+        raise FileNotFoundError(f"test audio missing: {LJSPEECH_DIR} (it is part of the repository)")
+    return LJSPEECH_DIR
 
 
 # One intra-op thread: in-process tests then run at the same speed whether or not other processes
