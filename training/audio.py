@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
@@ -69,6 +70,31 @@ def list_audio_files(root: PathLike, recursive: bool = True) -> List[Path]:
         raise FileNotFoundError(f"audio folder not found: {root}")
     pattern = root.rglob("*") if recursive else root.glob("*")
     return sorted(p for p in pattern if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+# torchcodec prefixes FFmpeg's error with the C++ function and source location that raised it
+# ("SingleStreamDecoder, /__w/torchcodec/.../SingleStreamDecoder.cpp:41, Could not open input file:
+# <path> Invalid data found when processing input"); users get what the FFmpeg part means.
+_FFMPEG_MEANINGS: Tuple[Tuple[str, str], ...] = (
+    ("Invalid data found when processing input", "damaged, or not in an audio format FFmpeg knows"),
+    ("best audio stream is unknown", "no audio stream found"),
+    ("No audio stream", "no audio stream found"),
+    ("Invalid argument", "damaged, or not in an audio format FFmpeg knows"),
+    ("No such file or directory", "file not found"),
+    ("Permission denied", "permission denied"),
+    ("End of file", "it ends before its first audio frame (truncated)"),
+)
+_SOURCE_LOCATION = re.compile(r"(?:\b\w+,\s*)?/\S+\.(?:cpp|cc|cxx|h|hpp):\d+,?\s*")
+
+
+def plain_reason(error: BaseException) -> str:
+    """One line saying why a decoder failed, without library source paths."""
+    text = str(error).strip()
+    for needle, meaning in _FFMPEG_MEANINGS:
+        if needle in text:
+            return meaning
+    first = _SOURCE_LOCATION.sub("", text.splitlines()[0] if text else "").strip(" ,")
+    return first or type(error).__name__
 
 
 def _torchcodec_decoder(source: Any, **kwargs: Any):
@@ -147,7 +173,7 @@ class _SoundFileReader(_Reader):
             self.f.seek(start)
             data = self.f.read(stop - start, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as e:
-            raise AudioReadError(f"{self.name}: decode failed ({e})") from None
+            raise AudioReadError(f"{self.name}: decode failed ({plain_reason(e)})") from None
         if data.shape[0] < stop - start:
             raise AudioReadError(f"{self.name}: truncated (read {data.shape[0]} of {stop - start} frames "
                                  f"at offset {start})")
@@ -196,7 +222,7 @@ class _DecoderReader(_Reader):
         try:
             return decoder.get_all_samples()
         except Exception as e:  # FFmpeg errors surface as RuntimeError/ValueError
-            raise AudioReadError(f"{self.name}: decode failed ({str(e).splitlines()[0] if str(e) else e!r})") from None
+            raise AudioReadError(f"{self.name}: decode failed ({plain_reason(e)})") from None
 
     def _decoder_for(self, target_rate):
         if self.factory is None or target_rate is None:
@@ -221,7 +247,7 @@ class _DecoderReader(_Reader):
             except AudioReadError:
                 raise
             except Exception as e:
-                raise AudioReadError(f"{self.name}: decode failed ({str(e).splitlines()[0] if str(e) else e!r})") from None
+                raise AudioReadError(f"{self.name}: decode failed ({plain_reason(e)})") from None
         data = samples.data
         data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
         data = data.astype(np.float32, copy=False)
@@ -315,7 +341,7 @@ def _open_torchcodec(source: Any, name: str) -> _Reader:
     except AudioReadError:
         raise
     except Exception as e:
-        raise AudioReadError(f"{name}: not a readable audio file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        raise AudioReadError(f"{name}: not a readable audio file ({plain_reason(e)})") from None
     return _DecoderReader(decoder, name, factory=lambda rate: _torchcodec_decoder(src, sample_rate=rate, num_channels=1))
 
 
@@ -328,6 +354,8 @@ def open_audio(value: Any, *, source_rate: Optional[int] = None) -> _Reader:
     ``.read(start, num_frames, target_rate) -> ((1, T) float32, rate)``; use it as a context manager.
     """
     name = _describe(value)
+    if isinstance(value, str) and is_remote_path(value):
+        return _open_remote(value, name)
     if isinstance(value, (str, os.PathLike)):
         path = Path(value)
         if not path.is_file():
@@ -354,6 +382,43 @@ def open_audio(value: Any, *, source_rate: Optional[int] = None) -> _Reader:
     if isinstance(value, (np.ndarray, list, tuple, torch.Tensor)):
         return _ArrayReader(value, source_rate, name)
     raise AudioReadError(f"{name}: unsupported audio value of type {type(value).__name__}")
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_remote_path(path: str) -> bool:
+    """True for fsspec URLs (``hf://...``, ``https://...``, ``zip://member::<archive URL>``)."""
+    return bool(_URL_SCHEME.match(path))
+
+
+def hub_token() -> Optional[str]:
+    """The Hugging Face token from the environment (``HF_TOKEN``), or None to read anonymously."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def _read_remote(url: str, name: str) -> bytes:
+    """Whole file behind an fsspec URL, read through ``datasets``' file layer (as ``datasets``
+    itself opens the paths it stores in streaming rows), with the environment's token."""
+    from datasets import DownloadConfig
+    from datasets.utils.file_utils import xopen
+
+    try:
+        with xopen(url, "rb", download_config=DownloadConfig(token=hub_token())) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise AudioReadError(f"{name}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - network, auth, bad archive member: one readable line
+        raise AudioReadError(f"{name}: cannot read ({plain_reason(e)})") from None
+
+
+def _open_remote(url: str, name: str) -> _Reader:
+    data = _read_remote(url, name)
+    if not data:
+        raise AudioReadError(f"{name}: empty file (0 bytes)")
+    # The first hop names the file itself ("zip://wavs/a.flac::https://host/a.zip").
+    suffix = Path(url.split("::", 1)[0]).suffix.lower()
+    return _open_encoded(data, name, suffix)
 
 
 def _open_mapping(value: Mapping, name: str, source_rate: Optional[int]) -> _Reader:

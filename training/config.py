@@ -90,6 +90,7 @@ class DataConfig:
     dataset: Optional[str] = None  # a DATASET_CONFIGS preset or a prepared-dataset registry name
     dataset_path: Optional[str] = None  # hub id, save_to_disk dir, audio folder, LJ Speech folder or manifest
     config_name: Optional[str] = None  # hub dataset configuration ("en", "clean", ...)
+    revision: Optional[str] = None  # hub dataset revision (commit sha, branch, tag, refs/pr/N); None: default branch
     split: str = "train"
     val_split: Optional[str] = None  # None: hold out `val_items` items of `split`
     val_items: int = 64  # ours: held-out items when there is no validation split
@@ -279,12 +280,19 @@ def create_snac_44khz_config() -> Dict[str, Any]:
 
 # Each entry holds DataConfig fields plus the model preset it is meant for. Ids, configuration
 # names, splits and column names are taken from each dataset's card / viewer on huggingface.co.
+# `datasets` >= 4 runs no loading scripts, so every preset is pinned to a revision whose tree holds
+# parquet files declared in its README (`configs:` -> `data_files`); the default branches of
+# keithito/lj_speech, CSTR-Edinburgh/vctk and openslr/librispeech_asr hold a loading script again
+# (their parquet conversions were reverted), so an unpinned load fails there.
 DATASET_CONFIGS: Dict[str, Dict[str, Any]] = {
-    # https://huggingface.co/datasets/keithito/lj_speech : one "main" config, one "train" split;
-    # columns id, audio, file, text, normalized_text. Single speaker (no speaker column).
+    # https://huggingface.co/datasets/keithito/lj_speech : one "main" config (main/train-*.parquet),
+    # one "train" split; columns id, audio, file, text, normalized_text. Single speaker.
+    # Revision: the parquet tree (PR #3, "Convert dataset to Parquet") before commit aa96d9a reverted
+    # `main` to lj_speech.py.
     "ljspeech": {
         "dataset_path": "keithito/lj_speech",
         "config_name": "main",
+        "revision": "7611c363b2e66bbd7ab3d1dce7afa6d1883f834d",
         "split": "train",
         "val_split": None,
         "streaming": False,
@@ -293,12 +301,16 @@ DATASET_CONFIGS: Dict[str, Dict[str, Any]] = {
         "speaker_column": None,
         "model_config": "24khz",
     },
-    # https://huggingface.co/datasets/mozilla-foundation/common_voice_17_0 : one config per
-    # language ("en", ...), splits train/validation/test; columns client_id, path, audio, sentence,
-    # ...; speakers are identified by client_id. Gated: accept the terms and log in first.
+    # Common Voice 17.0 (CC0-1.0). mozilla-foundation/common_voice_17_0 holds no data since Common
+    # Voice moved to the Mozilla Data Collective (2025), so the preset reads the parquet copy
+    # https://huggingface.co/datasets/fixie-ai/common_voice_17_0 : one config per language ("en", ...,
+    # en/{train,validation,test}-*.parquet), columns client_id, path, audio, sentence, ...; speakers
+    # are identified by client_id. The copy declares no license of its own; Common Voice's terms ask
+    # users not to try to identify the speakers.
     "common_voice": {
-        "dataset_path": "mozilla-foundation/common_voice_17_0",
+        "dataset_path": "fixie-ai/common_voice_17_0",
         "config_name": "en",
+        "revision": "97913806d567d9cc09d7a02d5b0dc7352f2b71b4",
         "split": "train",
         "val_split": "validation",
         "streaming": True,
@@ -309,10 +321,12 @@ DATASET_CONFIGS: Dict[str, Dict[str, Any]] = {
     },
     # https://huggingface.co/datasets/openslr/librispeech_asr : configs clean/other/all; in
     # "clean" the splits are train.100, train.360, validation, test; columns file, audio, text,
-    # speaker_id, chapter_id, id.
+    # speaker_id, chapter_id, id. Revision: the hub's PR #9 (parquet files for every config, loading
+    # script deleted); its merge into `main` was reverted (commit 276333a).
     "librispeech": {
         "dataset_path": "openslr/librispeech_asr",
         "config_name": "clean",
+        "revision": "refs/pr/9",
         "split": "train.100",
         "val_split": "validation",
         "streaming": True,
@@ -321,11 +335,14 @@ DATASET_CONFIGS: Dict[str, Dict[str, Any]] = {
         "speaker_column": "speaker_id",
         "model_config": "24khz",
     },
-    # https://huggingface.co/datasets/CSTR-Edinburgh/vctk : config "main", one "train" split;
-    # columns speaker_id, audio, file, text, text_id, age, gender, accent, region, comment.
+    # https://huggingface.co/datasets/CSTR-Edinburgh/vctk : config "main" (main/train-*.parquet, 27
+    # files), one "train" split; columns speaker_id, audio, file, text, text_id, age, gender, accent,
+    # region, comment. Revision: the merge of the hub's PR #5 ("Convert dataset to Parquet"), which
+    # commit e61ab46 (PR #8) reverted on `main`.
     "vctk": {
         "dataset_path": "CSTR-Edinburgh/vctk",
         "config_name": "main",
+        "revision": "7525156719ec5f837353bfa2e489e2779c63a84f",
         "split": "train",
         "val_split": None,
         "streaming": False,

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .audio import AudioReadError, audio_info, crop_or_pad, decode_audio, list_audio_files, normalize_loudness, open_audio, rms_db
+from .audio import (AudioReadError, audio_info, crop_or_pad, decode_audio, hub_token, list_audio_files,
+                    normalize_loudness, open_audio, rms_db)
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -278,8 +279,10 @@ def registry_manifest(name: str, split: str) -> Optional[Path]:
 
 def open_records(source: Any, *, split: str = "train", config_name: Optional[str] = None,
                  streaming: bool = False, audio_column: str = "audio",
-                 columns: Sequence[Optional[str]] = ()) -> Any:
+                 columns: Sequence[Optional[str]] = (), revision: Optional[str] = None) -> Any:
     """Resolve ``source`` to :class:`FileRecords`, :class:`HFRecords` or an HF ``IterableDataset``.
+
+    ``revision``: hub revision (commit sha, branch, tag) when ``source`` is a hub id.
 
     ``columns``: extra columns (text, speaker) that must exist; a missing one raises
     :class:`DatasetError` listing the available columns.
@@ -304,7 +307,7 @@ def open_records(source: Any, *, split: str = "train", config_name: Optional[str
         return _check_file_records(FileRecords(rows, "file list"), wanted, streaming)
     if not isinstance(source, (str, os.PathLike)):
         raise DatasetError(f"unsupported dataset source of type {type(source).__name__}")
-    records = _open_path_or_name(str(source), split, config_name, streaming, audio_column, wanted)
+    records = _open_path_or_name(str(source), split, config_name, streaming, audio_column, wanted, revision)
     if isinstance(records, FileRecords):
         return _check_file_records(records, wanted, streaming)
     return records
@@ -329,7 +332,7 @@ class _RecordStream:
 
 
 def _open_path_or_name(source: str, split: str, config_name: Optional[str], streaming: bool,
-                       audio_column: str, wanted: Sequence[str]) -> Any:
+                       audio_column: str, wanted: Sequence[str], revision: Optional[str] = None) -> Any:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() not in MANIFEST_SUFFIXES:
@@ -344,7 +347,7 @@ def _open_path_or_name(source: str, split: str, config_name: Optional[str], stre
         return FileRecords(read_manifest(manifest), f"{source} ({split})")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise DatasetError(f"dataset path not found: {source}")
-    return _load_hub(source, split, config_name, streaming, audio_column, wanted)
+    return _load_hub(source, split, config_name, streaming, audio_column, wanted, revision)
 
 
 def _open_directory(path: Path, split: str, audio_column: str, wanted: Sequence[str], streaming: bool) -> Any:
@@ -363,15 +366,43 @@ def _open_directory(path: Path, split: str, audio_column: str, wanted: Sequence[
 
 
 def _load_hub(source: str, split: str, config_name: Optional[str], streaming: bool,
-              audio_column: str, wanted: Sequence[str]) -> Any:
+              audio_column: str, wanted: Sequence[str], revision: Optional[str] = None) -> Any:
+    ds = load_hub_dataset(source, config_name, split, streaming=streaming, revision=revision)
+    return open_records(ds, split=split, audio_column=audio_column, columns=wanted, streaming=streaming)
+
+
+def load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, *, streaming: bool = False,
+                     revision: Optional[str] = None, num_proc: Optional[int] = None) -> Any:
+    """``datasets.load_dataset`` of a hub dataset at ``revision`` with the environment's token.
+
+    Every failure (network, authentication, unknown id / config / split / revision, a revision
+    that holds only a loading script or no data) becomes a one-line :class:`DatasetError`.
+    """
     import datasets as hf
 
+    kwargs: Dict[str, Any] = dict(split=split, streaming=streaming, revision=revision, token=hub_token())
+    if num_proc is not None and not streaming:
+        kwargs["num_proc"] = num_proc
     try:
-        ds = hf.load_dataset(source, config_name, split=split, streaming=streaming)
-    except Exception as e:  # network, auth, unknown id/config/split: one readable line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(f"cannot load dataset {source!r} (config {config_name!r}, split {split!r}): {first}") from None
-    return open_records(ds, split=split, audio_column=audio_column, columns=wanted, streaming=streaming)
+        return hf.load_dataset(repo_id, config_name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; each becomes one readable line
+        where = f"{repo_id!r} (config {config_name!r}, split {split!r}, revision {revision or 'default branch'})"
+        raise DatasetError(f"cannot load dataset {where}: {_hub_failure_reason(e)}") from None
+
+
+def _hub_failure_reason(e: BaseException) -> str:
+    """Plain words for the ways ``load_dataset`` fails on a hub repository."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    if "Dataset scripts are no longer supported" in text:
+        script = text.rsplit("found", 1)[-1].strip() or "a loading script"
+        return (f"this revision holds only a loading script ({script}), which datasets >= 4 no longer runs; "
+                "set data.revision to a revision with parquet data files")
+    if type(e).__name__ in ("EmptyDatasetError", "DataFilesNotFoundError"):
+        return f"the repository holds no data files at this revision ({first})"
+    if "gated" in text or type(e).__name__ == "GatedRepoError":
+        return f"{first} Accept its terms on huggingface.co and set HF_TOKEN"
+    return first
 
 
 # --------------------------------------------------------------------------------------
@@ -491,10 +522,11 @@ class AudioDataset(Dataset):
                  text_column: Optional[str] = None, speaker_column: Optional[str] = None,
                  random_crop: bool = True, seed: int = 0, loudness_db: Optional[float] = None,
                  silence_db: float = -60.0, max_silence_retries: int = 5, max_failure_fraction: float = 0.5,
-                 max_item_retries: int = 20, indices: Optional[Sequence[int]] = None):
+                 max_item_retries: int = 20, indices: Optional[Sequence[int]] = None,
+                 revision: Optional[str] = None):
         records = source if isinstance(source, (FileRecords, HFRecords)) else open_records(
             source, split=split, config_name=config_name, streaming=False, audio_column=audio_column,
-            columns=(text_column, speaker_column))
+            columns=(text_column, speaker_column), revision=revision)
         if indices is not None:
             records = records.subset(indices)
         if len(records) == 0:
@@ -573,11 +605,11 @@ class StreamingAudioDataset(IterableDataset):
                  random_crop: bool = True, seed: int = 0, loudness_db: Optional[float] = None,
                  silence_db: float = -60.0, max_silence_retries: int = 5, max_failure_fraction: float = 0.5,
                  max_item_retries: int = 20, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
-                 skip_items: int = 0, take_items: Optional[int] = None):
+                 skip_items: int = 0, take_items: Optional[int] = None, revision: Optional[str] = None):
         src = source.records if isinstance(source, _RecordStream) else source
         opened = src if isinstance(src, (FileRecords, HFRecords)) else open_records(
             src, split=split, config_name=config_name, streaming=True, audio_column=audio_column,
-            columns=(text_column, speaker_column))
+            columns=(text_column, speaker_column), revision=revision)
         self.records = opened.records if isinstance(opened, _RecordStream) else opened
         self.description = getattr(self.records, "description", "stream")
         self.rank, self.world_size = int(rank), int(world_size)
@@ -921,7 +953,8 @@ def resolve_source(data: Any) -> Tuple[Any, Optional[str]]:
 
 
 def _dataset_kwargs(data: Any, sample_rate: int, segment_length: int, random_crop: bool) -> Dict[str, Any]:
-    return dict(config_name=data.config_name, audio_column=data.audio_column, text_column=data.text_column,
+    return dict(config_name=data.config_name, revision=data.revision, audio_column=data.audio_column,
+                text_column=data.text_column,
                 speaker_column=data.speaker_column, random_crop=random_crop, seed=data.seed,
                 loudness_db=data.loudness_db, silence_db=data.silence_db,
                 max_silence_retries=data.max_silence_retries, max_failure_fraction=data.max_failure_fraction,
@@ -948,7 +981,7 @@ def build_datasets(cfg: Any, rank: int = 0, world_size: int = 1) -> Tuple[Any, A
     if d.streaming:
         return _streaming_datasets(cfg, source, val_split, train_kw, val_kw, rank, world_size)
     records = open_records(source, split=d.split, config_name=d.config_name, audio_column=d.audio_column,
-                           columns=(d.text_column, d.speaker_column))
+                           columns=(d.text_column, d.speaker_column), revision=d.revision)
     if val_split:
         train = AudioDataset(records, rate, cfg.segment_length(), **train_kw)
         val = AudioDataset(source, rate, cfg.val_segment_length(), split=val_split, **val_kw)
@@ -957,7 +990,8 @@ def build_datasets(cfg: Any, rank: int = 0, world_size: int = 1) -> Tuple[Any, A
         train = AudioDataset(records, rate, cfg.segment_length(), indices=train_rows, **train_kw)
         val = AudioDataset(records, rate, cfg.val_segment_length(), indices=val_rows, **val_kw) if val_rows else None
     if d.extra_datasets:
-        extra = [AudioDataset(s, rate, cfg.segment_length(), split=d.split, **train_kw) for s in d.extra_datasets]
+        extra_kw = {**train_kw, "revision": None}  # data.revision pins the main source only
+        extra = [AudioDataset(s, rate, cfg.segment_length(), split=d.split, **extra_kw) for s in d.extra_datasets]
         train = CombinedAudioDataset([train, *extra], d.dataset_weights or None, seed=d.seed)
     return train, val
 

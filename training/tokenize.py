@@ -81,6 +81,7 @@ class SourceSpec:
     name: str
     sub_name: Optional[str] = None
     split: str = "train"
+    revision: Optional[str] = None  # hub revision (commit sha, branch, tag, refs/pr/N); None: default branch
     text_column_name: Optional[str] = "auto"
     audio_column_name: str = "audio"
     speaker_column_name: Optional[str] = None
@@ -179,7 +180,7 @@ def source_from_dict(d: Mapping[str, Any], where: str) -> SourceSpec:
         raise TokenizeError(f"unknown key(s) {unknown} in {where}; expected some of {sorted(SOURCE_KEYS)}")
     if not isinstance(d.get("name"), str) or not d["name"]:
         raise TokenizeError(f"{where}.name must be a hub id or a local path")
-    for key in ("sub_name", "text_column_name", "speaker_column_name", "id_prefix"):
+    for key in ("sub_name", "revision", "text_column_name", "speaker_column_name", "id_prefix"):
         _check_type(f"{where}.{key}", d.get(key), (str,), optional=True)
     for key in ("split", "audio_column_name"):
         if key in d:
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", action="append", help="hub id, save_to_disk dir, audio/LJ Speech folder or manifest "
                                                       "(repeat for several; the options below apply to all)")
     d.add_argument("--sub_name", help="hub dataset configuration, e.g. en")
+    d.add_argument("--revision", help="hub dataset revision: commit sha, branch, tag or refs/pr/N (default: default branch)")
     d.add_argument("--split", help="split (default train)")
     d.add_argument("--text_column_name", help="text column ('none' for no text; default: 'text' when present)")
     d.add_argument("--audio_column_name", help="audio column (default audio)")
@@ -346,14 +348,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.hf_upload = args.hf_upload
     if args.dataset:
         entry: Dict[str, Any] = {}
-        for key in ("sub_name", "split", "audio_column_name", "speaker_column_name", "text_column_name"):
+        for key in ("sub_name", "revision", "split", "audio_column_name", "speaker_column_name", "text_column_name"):
             value = getattr(args, key)
             if value is not None:
                 entry[key] = None if value.lower() in ("none", "null") and key.endswith("column_name") else value
         constants = [_parse_constant(c) for c in args.add_constant or []]
         s.sources = [source_from_dict({"name": n, **entry, "add_constant": constants}, f"--dataset {n}")
                      for n in args.dataset]
-    elif any(getattr(args, k) is not None for k in ("sub_name", "split", "text_column_name", "audio_column_name",
+    elif any(getattr(args, k) is not None for k in ("sub_name", "revision", "split", "text_column_name", "audio_column_name",
                                                       "speaker_column_name", "add_constant")):
         raise TokenizeError("dataset options (--split, --text_column_name, ...) need --dataset")
     _distributed_defaults(s, args)
@@ -424,15 +426,10 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _load_hub_dataset(spec: SourceSpec, num_proc: Optional[int]) -> Any:
-    from .dataset import DatasetError
-    import datasets as hf
+    """The source's hub dataset (map-style) at its revision, with the environment's token."""
+    from .dataset import load_hub_dataset
 
-    try:
-        return hf.load_dataset(spec.name, spec.sub_name, split=spec.split, num_proc=num_proc)
-    except Exception as e:  # noqa: BLE001 - network, auth, unknown id/config/split: one readable line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(f"cannot load dataset {spec.name!r} (sub_name {spec.sub_name!r}, "
-                           f"split {spec.split!r}): {first}") from None
+    return load_hub_dataset(spec.name, spec.sub_name, spec.split, revision=spec.revision, num_proc=num_proc)
 
 
 # --------------------------------------------------------------------------------------
@@ -984,6 +981,8 @@ def job_fingerprint(s: Settings, model_cfg: Any, weights: str) -> Dict[str, Any]
     sources = []
     for spec in s.sources:
         d = dataclasses.asdict(spec)
+        if d.get("revision") is None:  # unpinned sources keep the fingerprints of earlier versions
+            d.pop("revision", None)
         path = Path(spec.name).expanduser()
         d["name"] = str(path.resolve()) if path.exists() else spec.name
         d["key"] = spec.key()
