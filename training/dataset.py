@@ -130,7 +130,8 @@ def _row_id(row: Mapping[str, Any], index: int) -> str:
         return str(row["id"])
     audio = row.get("audio")
     path = audio if isinstance(audio, (str, os.PathLike)) else (audio.get("path") if isinstance(audio, Mapping) else None)
-    return Path(str(path)).stem if path else str(index)
+    # A chained URL's first hop names the file itself ("zip://wavs/a.flac::https://host/a.zip").
+    return Path(str(path).split("::", 1)[0]).stem if path else str(index)
 
 
 # --------------------------------------------------------------------------------------
