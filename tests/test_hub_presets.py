@@ -283,3 +283,15 @@ def test_missing_remote_member_is_a_plain_skip(archive, ljspeech_dir, xopen_call
     with pytest.warns(UserWarning, match=r"LJ999-0001\.flac.*: file not found"):
         item = AudioDataset(ds, 24000, 4096, random_crop=False, max_failure_fraction=1.0)[0]
     assert item["skipped"] and "file not found" in item["skipped"][0]
+
+
+def test_docs_tables_show_each_preset_pinned_revision():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    guide = (ROOT / "TRAINING_GUIDE.md").read_text(encoding="utf-8")
+    for name, preset in DATASET_CONFIGS.items():
+        for text in (readme, guide):
+            rows = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+            assert len(rows) == 1, name
+            cells = rows[0]
+            assert f"`{preset['dataset_path']}`" in cells and f"`{preset['config_name']}`" in cells, cells
+            assert f"`{preset['revision']}`" in cells, cells

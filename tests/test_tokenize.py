@@ -304,6 +304,7 @@ def test_example_config_parses_with_every_documented_key():
             s.load_dataset_num_proc) == ("hubertsiuzdak/snac_24khz", 8, 100000, "shards", 1, 16777216, 50000, 20)
     assert (s.save_local, s.hf_upload) == ("train_dataset", "your_username/your_dataset")
     src = s.sources[0]
-    assert (src.name, src.sub_name, src.split, src.text_column_name, src.audio_column_name,
+    assert (src.name, src.sub_name, src.revision, src.split, src.text_column_name, src.audio_column_name,
             src.speaker_column_name, src.constants()) == (
-        "mozilla-foundation/common_voice_11_0", "en", "train", "sentence", "audio", None, {"lang": "en"})
+        "fixie-ai/common_voice_17_0", "en", "97913806d567d9cc09d7a02d5b0dc7352f2b71b4", "train", "sentence",
+        "audio", None, {"lang": "en"})
