@@ -290,7 +290,7 @@ def test_docs_tables_show_each_preset_pinned_revision():
     guide = (ROOT / "TRAINING_GUIDE.md").read_text(encoding="utf-8")
     for name, preset in DATASET_CONFIGS.items():
         for text in (readme, guide):
-            rows = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+            rows = [line for line in text.splitlines() if line.strip().startswith(f"| `{name}` |")]
             assert len(rows) == 1, name
             cells = rows[0]
             assert f"`{preset['dataset_path']}`" in cells and f"`{preset['config_name']}`" in cells, cells
