@@ -5,9 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test demo ffmpeg bench clean
+.PHONY: setup test demo ffmpeg buildtools bench clean
 
-setup: ffmpeg $(STAMP)
+setup: ffmpeg buildtools $(STAMP)
 
 # torchcodec needs FFmpeg's shared libraries: install them when missing and we are root.
 ffmpeg:
@@ -18,6 +18,20 @@ ffmpeg:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
 	  else \
 	    echo "FFmpeg shared libraries are missing: install them (e.g. 'sudo apt-get install ffmpeg') and rerun."; exit 1; \
+	  fi; \
+	fi
+
+# pesq (test requirement: the PESQ quality metric) is published as source only; building it needs
+# a C compiler and Python's headers: install them when missing and we are root.
+buildtools:
+	@if ! command -v cc >/dev/null 2>&1 || ! python3 -c "import os, sys, sysconfig; \
+	    sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing a C compiler and Python headers (apt-get) to build pesq..."; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential python3-dev >/dev/null; \
+	  else \
+	    echo "pesq builds from source: install a C compiler and Python headers (e.g. 'sudo apt-get install build-essential python3-dev') and rerun."; exit 1; \
 	  fi; \
 	fi
 
