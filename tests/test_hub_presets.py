@@ -175,6 +175,19 @@ def test_unpinned_preset_says_why_in_one_line(hub):
     assert "data.revision" in message
 
 
+def test_repository_without_data_says_so_in_one_line(hub, repos, tmp_path):
+    # mozilla-foundation/common_voice_17_0 today: a card and no data files.
+    empty = tmp_path / "common_voice_17_0"
+    empty.mkdir()
+    (empty / "README.md").write_text("---\nlicense: cc0-1.0\n---\n# moved to the Mozilla Data Collective\n")
+    hub.add("mozilla-foundation/common_voice_17_0", None, empty)
+    cfg = _tiny_config("common_voice", **{"data.dataset_path": "mozilla-foundation/common_voice_17_0",
+                                          "data.revision": None})
+    with pytest.raises(DatasetError, match="holds no data files") as e:
+        build_dataloaders(cfg)
+    assert "\n" not in str(e.value) and "mozilla-foundation/common_voice_17_0" in str(e.value)
+
+
 def test_unknown_revision_is_one_line(hub):
     cfg = _tiny_config("vctk", **{"data.revision": "no-such-branch"})
     with pytest.raises(DatasetError, match=r"Revision 'no-such-branch' doesn't exist") as e:

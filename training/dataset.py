@@ -283,7 +283,7 @@ def open_records(source: Any, *, split: str = "train", config_name: Optional[str
                  columns: Sequence[Optional[str]] = (), revision: Optional[str] = None) -> Any:
     """Resolve ``source`` to :class:`FileRecords`, :class:`HFRecords` or an HF ``IterableDataset``.
 
-    ``revision``: hub revision (commit sha, branch, tag) when ``source`` is a hub id.
+    ``revision``: hub revision (commit sha, branch, tag, ``refs/pr/N``) when ``source`` is a hub id.
 
     ``columns``: extra columns (text, speaker) that must exist; a missing one raises
     :class:`DatasetError` listing the available columns.
@@ -387,7 +387,8 @@ def load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, *, st
     try:
         return hf.load_dataset(repo_id, config_name, **kwargs)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; each becomes one readable line
-        where = f"{repo_id!r} (config {config_name!r}, split {split!r}, revision {revision or 'default branch'})"
+        pinned = f"revision {revision!r}" if revision else "default branch"
+        where = f"{repo_id!r} (config {config_name!r}, split {split!r}, {pinned})"
         raise DatasetError(f"cannot load dataset {where}: {_hub_failure_reason(e)}") from None
 
 
@@ -398,7 +399,7 @@ def _hub_failure_reason(e: BaseException) -> str:
     if "Dataset scripts are no longer supported" in text:
         script = text.rsplit("found", 1)[-1].strip() or "a loading script"
         return (f"this revision holds only a loading script ({script}), which datasets >= 4 no longer runs; "
-                "set data.revision to a revision with parquet data files")
+                "pin a revision with parquet data files (data.revision; tokenizer: revision)")
     if type(e).__name__ in ("EmptyDatasetError", "DataFilesNotFoundError"):
         return f"the repository holds no data files at this revision ({first})"
     if "gated" in text or type(e).__name__ == "GatedRepoError":
