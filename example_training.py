@@ -162,11 +162,11 @@ def losses(audio_dir: Path, work: Path) -> Dict[str, float]:
     total, terms = loss_fn(real, out.audio, out.commitment_loss, out.codebook_loss, disc(real), disc(out.audio))
     total.backward()
     grad = gen.quantizer.quantizers[0].codebook.weight.grad
-    print(f"  {len(d_real)} sub-discriminators, D loss {float(d_loss):.3f}, G terms "
-          + ", ".join(f"{k} {float(v):.3f}" for k, v in terms.items()))
+    print(f"  {len(d_real)} sub-discriminators, D loss {float(d_loss.detach()):.3f}, G terms "
+          + ", ".join(f"{k} {float(v.detach()):.3f}" for k, v in terms.items()))
     print(f"  codebook usage per level {[round(u, 3) for u in out.codebook_usage.tolist()]}, "
           f"level-0 codebook gradient norm {float(grad.norm()):.2e} (non-zero: the codebooks train)")
-    return {k: float(v) for k, v in terms.items()}
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 # ----------------------------------------------------------------------------- network

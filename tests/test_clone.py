@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Real-audio tests from several modules (the test corpus, decoding, hub-layout parquet repos);
 # together well under a minute on two cores.
@@ -22,6 +24,7 @@ def _git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+@pytest.mark.slow
 def test_fresh_clone_runs_the_tests_without_anything_outside_it(tmp_path):
     assert shutil.which("git"), "git is needed to check that a clone is self-contained"
     clone = tmp_path / "isolated" / "repo"

@@ -54,6 +54,17 @@ def test_package_import_and_dataset_listing_are_quiet(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
+@pytest.mark.slow
+def test_example_scripts_run_quietly(tmp_path):
+    """Real example runs (a manual GAN step, configs, two dataset sources): nothing on stderr."""
+    for args in (["example_training.py", "losses", "configs", "--work-dir", tmp_path / "ex"],
+                 ["dataset_examples.py", "folder", "manifest"]):
+        r = _run(args, tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == "", r.stderr
+
+
+@pytest.mark.slow
 def test_tokenizer_run_is_quiet(ljspeech_dir, tmp_path):
     """A real (tiny) tokenizer run: reader and encoder processes import snac too."""
     from training.config import model_preset
