@@ -50,12 +50,13 @@ HUB_LAYOUTS: Dict[str, Dict[str, Any]] = {
 }
 
 
+INT_COLUMNS = {"speaker_id", "chapter_id"}
+
+
 def _column_value(column: str, clip: str, row: int) -> Any:
-    if column in ("speaker_id", "chapter_id"):
-        return 100 + row % 2 if column == "speaker_id" else 7
-    if column == "id":
-        return clip
-    return f"{column} of {clip}"
+    if column in INT_COLUMNS:
+        return 100 + row % 2
+    return clip if column == "id" else f"{column} of {clip}"
 
 
 def _write_repo(folder: Path, preset: Dict[str, Any], layout: Dict[str, Any], ljspeech_dir: Path) -> None:
@@ -70,10 +71,8 @@ def _write_repo(folder: Path, preset: Dict[str, Any], layout: Dict[str, Any], lj
             rows[column] = [_column_value(column, c, i) for i, c in enumerate(chosen)]
         target = folder / (pattern.replace("*", "00000-of-00001") + ".parquet")
         target.parent.mkdir(parents=True, exist_ok=True)
-        features = datasets.Features({"audio": datasets.Audio(),
-                                      **{c: datasets.Value("int64" if c.endswith("_id") and c != "client_id"
-                                                           and c != "text_id" else "string")
-                                         for c in layout["columns"]}})
+        features = datasets.Features({"audio": datasets.Audio(), **{
+            c: datasets.Value("int64" if c in INT_COLUMNS else "string") for c in layout["columns"]}})
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(target))
         yaml_splits.append(f"  - split: {split}\n    path: {pattern}\n")
     (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n"
@@ -147,8 +146,9 @@ def test_preset_trains_and_validates_from_its_pinned_revision(name, hub, ljspeec
     batch = next(loader)
     assert batch["audio"].shape == (2, 1, cfg.segment_length()) and torch.isfinite(batch["audio"]).all()
     preset = DATASET_CONFIGS[name]
-    if preset["text_column"]:
-        assert all(t.startswith(preset["text_column"]) or t.startswith("text") for t in batch["text"])
+    assert all(t.startswith(f"{preset['text_column']} of LJ001-") for t in batch["text"]), batch["text"]
+    if preset["speaker_column"]:
+        assert all(spk in ("100", "101") or spk.startswith("client_id of ") for spk in batch["speaker"])
     # Validation crops (first segment) equal an independent decode of the same source file (up to
     # the crop's last samples, where resampling a range and a whole file see different edges).
     assert val and val[0]["audio"].shape[-1] == cfg.val_segment_length()
