@@ -137,3 +137,18 @@ def test_dataset_skip_reports_are_plain_words(broken_files, ljspeech_dir, tmp_pa
     for text in [*reports, *(str(w.message) for w in caught)]:
         assert not any(n in text for n in (".cpp:", "SingleStreamDecoder")), text
     json.dumps(reports)  # reports stay plain strings (they travel from DataLoader workers)
+
+
+def test_test_requirements_are_installed():
+    """Every test requirement imports, so no test that needs one (PESQ, STOI, librosa's reference mel
+    filterbank, plots) can skip silently: a missing one fails here, naming the fix."""
+    import importlib
+
+    names = [line.split("#")[0].strip() for line in (ROOT / "requirements_test.txt").read_text().splitlines()]
+    missing = []
+    for name in filter(None, names):
+        try:
+            importlib.import_module(name.split("[")[0].split("=")[0].split(">")[0].strip())
+        except ImportError:
+            missing.append(name)
+    assert not missing, f"test requirements missing: {missing}; run `make test` or `pip install -r requirements_test.txt`"
