@@ -61,6 +61,10 @@ def config_from_args(args: argparse.Namespace):
             cfg.model = model_preset(args.preset)
     else:
         cfg = create_training_config(preset=args.preset or "24khz")
+    if args.dataset and args.dataset_path:
+        # One of them would be silently ignored; say which to keep instead of guessing.
+        raise ConfigError(f"--dataset {args.dataset} and --dataset_path {args.dataset_path} both name the training "
+                          "data; give only one of them")
     if args.dataset:
         if args.dataset in DATASET_CONFIGS:
             apply_dataset_preset(cfg, args.dataset)

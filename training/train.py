@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -921,6 +922,25 @@ def _save_config_checked(cfg: Config, path: Path) -> None:
         raise TrainingError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _setup_dataset_checked(cfg: Config, rank: int, world: int):
+    """:func:`setup_dataset`, plus a clear stop when rank 0 gets no validation audio at all: say
+    whether the held-out items were unreadable or simply too few (not just "empty")."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader, val_batches = setup_dataset(cfg, rank, world)
+    for w in caught:  # still shown after the fact, under the user's warning filters
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if rank == 0 and isinstance(val_batches, list) and not val_batches:
+        unreadable = [str(w.message).split("unreadable audio: ", 1)[-1] for w in caught
+                      if "unreadable audio" in str(w.message)]
+        if unreadable:
+            raise TrainingError(f"no validation audio: all {len(unreadable)} held-out item(s) are unreadable "
+                                f"(first: {unreadable[0].splitlines()[0][:200]}); check the dataset files")
+        raise TrainingError("no validation audio: the dataset has too few items to hold out data.val_items; "
+                            "give data.val_split or a larger dataset")
+    return loader, val_batches
+
+
 def train_main(config) -> Dict[str, Any]:
     """Train until ``train.max_steps``; resume from the newest readable checkpoint in
     ``<run_dir>/checkpoints`` (``latest.pt`` normally) when there is one.
@@ -950,7 +970,7 @@ def train_main(config) -> Dict[str, Any]:
         cfg.train.init_from = None
     state = build_state(cfg, device, rank, world)
     state.extra["lineage"] = uuid.uuid4().hex  # replaced by the checkpoint's when resuming
-    loader, val_batches = setup_dataset(cfg, rank, world)
+    loader, val_batches = _setup_dataset_checked(cfg, rank, world)
     if point is not None:
         load_checkpoint(state, point.ckpt, loader, source=point.path)
         notes.append(point.describe())
