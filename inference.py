@@ -142,7 +142,7 @@ def check_writable(path: Path, flag: str) -> None:
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: no permission to write in {existing}")
+        raise UsageError(f"{flag} {path}: cannot write in {existing} (no permission, or a read-only filesystem)")
 
 
 def _plan(args: argparse.Namespace, suffixes: Optional[tuple], out_suffix: str):

@@ -762,7 +762,8 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2) + "\n"
-    tmp = f"{path}.tmp{os.getpid()}"
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp{os.getpid()}")  # hidden; removed at start if its writer died
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)

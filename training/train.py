@@ -12,7 +12,6 @@ Per step (the order of DAC's trainer, which SNAC follows)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -906,13 +905,20 @@ def prepare_run_dir(cfg: Config) -> Tuple[Optional[ResumePoint], List[str]]:
     return point, notes
 
 
-def _model_note(cfg: Config, saved: Any) -> Optional[str]:
-    """Say so when the resumed architecture is not the one this command asked for."""
-    if saved == cfg.model or cfg.train.init_from:
-        return None  # a fine-tuning run's architecture always comes from its pretrained model
-    diffs = config_differences({"model": dataclasses.asdict(saved)}, cfg, "model")
-    return (f"resuming the checkpoint's model, not the requested one ({'; '.join(diffs[:4])}"
-            f"{'; ...' if len(diffs) > 4 else ''}); use --no-resume or another --run_dir to train the requested model")
+def adopt_architecture(cfg: Config, saved: Dict[str, Any]) -> Optional[str]:
+    """Resume as what the checkpoint actually trained: its model and discriminator configs replace
+    the requested ones (a run started with --init_from or another preset). Returns a note listing
+    what differs from the request, or None."""
+    diffs = [] if cfg.train.init_from else config_differences(saved, cfg, "model")
+    diffs += config_differences(saved, cfg, "discriminator")
+    cfg.model = to_config({"model": saved["model"]}).model
+    if "discriminator" in saved:
+        cfg.discriminator = to_config({"discriminator": saved["discriminator"]}).discriminator
+    cfg.train.init_from = None  # the weights come from the checkpoint, not the pretrained model
+    if not diffs:
+        return None
+    return (f"resuming the checkpoint's architecture, not the requested one ({'; '.join(diffs[:4])}"
+            f"{'; ...' if len(diffs) > 4 else ''}); use --no-resume or another --run_dir to train the requested one")
 
 
 def _save_config_checked(cfg: Config, path: Path) -> None:
@@ -960,14 +966,9 @@ def train_main(config) -> Dict[str, Any]:
     if chosen is not None and point is None:
         point = ResumePoint(chosen, read_checkpoint(chosen), [])
     if point is not None:
-        # The checkpoint holds the architecture and the (possibly fine-tuned) weights: a run started
-        # with --init_from or another preset resumes as what it actually trained.
-        saved = to_config({"model": point.ckpt["config"]["model"]}).model
-        note = _model_note(cfg, saved)
-        if note:
+        note = adopt_architecture(cfg, point.ckpt["config"])
+        if note and rank == 0:
             notes.append(note)
-        cfg.model = saved
-        cfg.train.init_from = None
     state = build_state(cfg, device, rank, world)
     state.extra["lineage"] = uuid.uuid4().hex  # replaced by the checkpoint's when resuming
     loader, val_batches = _setup_dataset_checked(cfg, rank, world)
