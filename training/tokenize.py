@@ -1320,10 +1320,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: complete lines were committed; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (PermissionError, FileExistsError, NotADirectoryError) as e:  # e.g. an OUT_DIR we may not write
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as e:  # a crashed child, a full disk: rows stay pending for a rerun
+    except OSError as e:  # an OUT_DIR we may not write (2), a full disk (2), an I/O error (1): rows stay pending
+        from .cli import os_error_exit_code, os_error_message
+
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return os_error_exit_code(e)
+    except RuntimeError as e:  # a crashed child: rows stay pending for a rerun
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary.text())
