@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -492,6 +494,43 @@ def test_tokenizer_ranges_checked_before_processes_start(trained_run, ljspeech_d
                  "--dataset", str(ljspeech_dir), flag, value, timeout=120)  # a hang fails by timeout
     assert_one_line_error(r, 2, f"{flag[2:]} must be >= ")
     assert not out.exists()
+
+
+def _spawned_children(pid: int) -> list:
+    """Pids of the multiprocessing children (readers, then workers) of ``pid``."""
+    try:
+        kids = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    out = []
+    for kid in kids:
+        try:
+            if b"--multiprocessing-fork" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                out.append(kid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the children through /proc")
+def test_dead_worker_ends_the_run_with_one_line(trained_run, ljspeech_dir, tmp_path):
+    """An encoder worker killed (e.g. by the OOM killer) ends the run with one line, not a hang."""
+    proc = subprocess.Popen([sys.executable, "-m", "training.tokenize", "--no_progress", "--audio_codec",
+                             str(trained_run / "export"), "--out_dir", str(tmp_path / "tok"), "--dataset",
+                             str(ljspeech_dir), "--num_readers", "1", "--qsize", "1"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(_spawned_children(proc.pid)) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the tokenizer never started its processes"
+            time.sleep(0.05)
+        os.kill(_spawned_children(proc.pid)[-1], signal.SIGKILL)  # the worker: started after the reader
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["error: worker 0 stopped unexpectedly (exit code -9); rerun the same command to resume"], err
 
 
 @pytest.fixture
