@@ -426,7 +426,7 @@ REQUIRED_KEYS = ("step", "config", "generator", "discriminator", "opt_g", "opt_d
 _STEP_NAME = re.compile(r"^step_(\d+)\.pt$")
 _TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
 # ours: head room on top of a checkpoint's tensor bytes (zip headers, pickled config, other writers).
-FREE_SPACE_MARGIN = 64 << 20
+FREE_SPACE_MARGIN = 16 << 20
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
