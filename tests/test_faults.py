@@ -585,3 +585,43 @@ def test_prepare_gives_files_differing_by_extension_distinct_ids(ljspeech_dir, t
     ids = [json.loads(line)["id"] for m in sorted((tmp_path / "manifests").glob("*.jsonl"))
            for line in m.read_text().splitlines()]
     assert sorted(ids) == ["other", "take.flac", "take.mp3"]
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint bookkeeping, in-process (the subprocess cases above run them end to end)
+# --------------------------------------------------------------------------------------
+
+
+def test_pruning_is_by_step_and_spares_later_files(tmp_path):
+    """Resumed at step 6 from an older checkpoint: the newest numbered files up to step 6 are
+    kept; files of later steps (a damaged step_8 skipped at resume) are not pruned in their stead."""
+    from training.train import prune_checkpoints
+
+    for s in (2, 4, 6, 8, 10):
+        (tmp_path / f"step_{s:08d}.pt").write_bytes(b"x")
+    prune_checkpoints(tmp_path, keep_last=2, step=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004.pt", "step_00000006.pt",
+                                                          "step_00000008.pt", "step_00000010.pt"]
+    prune_checkpoints(tmp_path, keep_last=1, step=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010.pt"]
+
+
+def test_best_is_only_replaced_within_its_lineage(trained_run, tmp_path):
+    from types import SimpleNamespace
+
+    from training.config import create_training_config
+    from training.train import adopt_best
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    best = ckpt_info(run / "checkpoints" / "best.pt")
+    cfg = create_training_config(preset="tiny", run_dir=str(run))
+    # Resumed from an older checkpoint of the same run: its best_mel is lowered to best.pt's.
+    state = SimpleNamespace(cfg=cfg, best_mel=float("inf"), extra={"lineage": best["lineage"]})
+    assert adopt_best(state) is None and state.best_mel == best["best_mel"]
+    # A fresh lineage never overwrites another run's best.pt: it is kept under another name.
+    state = SimpleNamespace(cfg=cfg, best_mel=float("inf"), extra={"lineage": "0" * 32})
+    note = adopt_best(state)
+    kept = run / "checkpoints" / f"best.other-{best['lineage'][:8]}.pt"
+    assert note and str(kept) in note and kept.is_file() and not (run / "checkpoints" / "best.pt").exists()
+    assert state.best_mel == float("inf")

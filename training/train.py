@@ -537,9 +537,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_temp_files(*dirs: Path) -> List[Path]:
+def remove_dead_temp_files(*dirs: Path) -> List[Tuple[Path, int]]:
     """Delete ``.<name>.tmp<PID>`` files whose writer process is gone (kill -9, power loss, a full
-    disk): they are never renamed into place and would only hold disk space."""
+    disk): they are never renamed into place and would only hold disk space. Returns
+    ``(path, bytes)`` of each removed file."""
     removed = []
     for d in dirs:
         if not d.is_dir():
@@ -547,8 +548,9 @@ def remove_dead_temp_files(*dirs: Path) -> List[Path]:
         for p in d.iterdir():
             m = _TEMP_NAME.match(p.name)
             if m and p.is_file() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                size = p.stat().st_size
                 p.unlink()
-                removed.append(p)
+                removed.append((p, size))
     return removed
 
 
@@ -890,11 +892,9 @@ def prepare_run_dir(cfg: Config) -> Tuple[Optional[ResumePoint], List[str]]:
     run_dir, ckdir = Path(cfg.train.run_dir), checkpoint_dir(cfg)
     make_run_dir(run_dir)
     notes = []
-    sizes = {p: p.stat().st_size for d in (run_dir, ckdir, run_dir / "export") if d.is_dir() for p in d.iterdir()
-             if _TEMP_NAME.match(p.name) and p.is_file()}
     removed = remove_dead_temp_files(run_dir, ckdir, run_dir / "export")
     if removed:
-        mib = sum(sizes.get(p, 0) for p in removed) / 2**20
+        mib = sum(size for _, size in removed) / 2**20
         notes.append(f"removed {len(removed)} temporary file(s) left by interrupted writes ({mib:.1f} MiB)")
     point = find_resume_checkpoint(ckdir) if cfg.train.resume else None
     if point is None:
