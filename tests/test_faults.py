@@ -625,3 +625,15 @@ def test_best_is_only_replaced_within_its_lineage(trained_run, tmp_path):
     kept = run / "checkpoints" / f"best.other-{best['lineage'][:8]}.pt"
     assert note and str(kept) in note and kept.is_file() and not (run / "checkpoints" / "best.pt").exists()
     assert state.best_mel == float("inf")
+
+
+def test_checkpoint_write_on_a_full_disk_is_one_error_and_leaves_no_temp(tmp_path):
+    """The free-space check can be overtaken by other writers: the write itself fails cleanly too."""
+    from training.train import TrainingError, _atomic_save
+
+    with small_filesystem(tmp_path / "disk", 1 << 20) as disk:
+        (disk / "latest.pt").write_bytes(b"previous")
+        with pytest.raises(TrainingError, match=r"cannot write checkpoint .*latest.pt.*rerun the same command"):
+            _atomic_save({"w": torch.zeros(1 << 20)}, disk / "latest.pt")
+        assert sorted(p.name for p in disk.iterdir()) == ["latest.pt"]
+        assert (disk / "latest.pt").read_bytes() == b"previous"

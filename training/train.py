@@ -579,9 +579,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError (iostream error)
         tmp.unlink(missing_ok=True)
-        raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints are "
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+        raise TrainingError(f"cannot write checkpoint {path}: {why} (disk full?); the previous checkpoints are "
                             "kept - fix the cause and rerun the same command to resume") from None
 
 
