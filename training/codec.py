@@ -843,11 +843,11 @@ def mean_metrics(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for key in rows[0]:
         vals = [r.get(key) for r in rows]
-        numbers = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if numbers and all(v is None or v in numbers for v in vals):
-            out[key] = float(np.mean(numbers))
-        elif all(v is None for v in vals):
+        defined = [v for v in vals if v is not None]
+        if not defined:
             out[key] = None
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in defined):
+            out[key] = float(np.mean(defined))
         elif all(isinstance(v, list) for v in vals) and len({len(v) for v in vals}) == 1:
             out[key] = [float(x) for x in np.mean(np.array(vals, dtype=float), axis=0)]
     return out
