@@ -13,8 +13,9 @@ Every user mistake prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import warnings
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -124,6 +125,26 @@ def _codec(args: argparse.Namespace):
                       chunk_seconds=args.chunk_seconds, batch_size=args.batch_size, noise_seed=args.noise_seed)
 
 
+# What each command writes, for the output-name check: a codes file under a .wav name (or WAV
+# data under .mp3) would mislead every program that opens it.
+WRITES = {".npz": "codes files (.npz)", ".wav": "WAV audio (.wav)"}
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """UsageError now, before any work, when ``path`` (a file or folder to create) cannot be
+    written: an existing folder in the way, a file where a folder is needed, no permission."""
+    if path.is_dir() and flag != "--output-folder":
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    parent = path if flag == "--output-folder" else path.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write in {existing} (no permission, or a read-only filesystem)")
+
+
 def _plan(args: argparse.Namespace, suffixes: Optional[tuple], out_suffix: str):
     """(inputs, outputs, folder_mode) with the output checks every command shares."""
     from training.codec import collect_inputs, output_paths, refuse_overwriting_inputs
@@ -134,6 +155,10 @@ def _plan(args: argparse.Namespace, suffixes: Optional[tuple], out_suffix: str):
         raise UsageError(f"--output {out} is a file; a folder input needs an output folder")
     if root is None and out.is_dir():
         out = out / (inputs[0].stem + out_suffix)  # an existing folder receives the file
+    if root is None and out.suffix.lower() != out_suffix:
+        raise UsageError(f"--output {out}: {args.command} writes {WRITES[out_suffix]}; "
+                         f"use a name ending in {out_suffix}")
+    check_writable(out, "--output-folder" if root is not None else "--output")
     outputs = output_paths(inputs, root, out, out_suffix)
     refuse_overwriting_inputs(inputs, outputs)
     return inputs, outputs, root is not None
@@ -152,6 +177,10 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     inputs, outputs, folder = _plan(args, None, ".wav")
     if args.plot and not folder and Path(args.plot).suffix.lower() not in (".png", ".jpg", ".jpeg", ".svg", ".pdf"):
         raise UsageError(f"--plot {args.plot}: use an image file name such as out.png")
+    if args.metrics and not args.no_metrics:
+        check_writable(Path(args.metrics), "--metrics")
+    if args.plot:
+        check_writable(Path(args.plot), "--output-folder" if folder else "--plot")
     if args.plot:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
@@ -169,13 +198,17 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         _say(args, f"wrote {out_of[rt.path]} ({rt.audio.shape[-1]} samples at {rt.rate} Hz)")
         if args.no_metrics and not args.plot:
             continue
-        m = compute_metrics(rt.reference, rt.audio, rt.rate, codec.cfg, rt.encoded.input_sample_rate,
-                            rt.encoded.codes, rt.encoded.encode_seconds, rt.decode_seconds)
         name = str(rt.path.relative_to(args.input)) if folder else rt.path.name
-        rows.append((name, {"file": str(rt.path), "output": str(out_of[rt.path]), **m}))
-        if args.plot:
-            plot = Path(args.plot) / Path(name).with_suffix(".png") if folder else Path(args.plot)
-            plot_spectrograms(rt.reference, rt.audio, rt.rate, plot, f"{name}: {metrics_title(m)}")
+        try:
+            m = compute_metrics(rt.reference, rt.audio, rt.rate, codec.cfg, rt.encoded.input_sample_rate,
+                                rt.encoded.codes, rt.encoded.encode_seconds, rt.decode_seconds)
+            rows.append((name, {"file": str(rt.path), "output": str(out_of[rt.path]), **m}))
+            if args.plot:
+                plot = Path(args.plot) / Path(name).with_suffix(".png") if folder else Path(args.plot)
+                plot_spectrograms(rt.reference, rt.audio, rt.rate, plot, f"{name}: {metrics_title(m)}")
+        except (ValueError, RuntimeError) as e:  # one file's metrics never stop a folder
+            _warn(f"{rt.path}: metrics failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            failed += 1
     if rows and not args.no_metrics:
         mean = mean_metrics([m for _, m in rows])
         _say(args, format_table(rows + ([("mean", mean)] if len(rows) > 1 else [])))
@@ -275,11 +308,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return HANDLERS[args.command](args)
-    except (UsageError, CodecError, ModelLoadError, AudioReadError, ConfigError, FileNotFoundError,
-            IsADirectoryError, PermissionError) as e:
+    except (UsageError, CodecError, ModelLoadError, AudioReadError, ConfigError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         _warn(msg)
         return 2
+    except OSError as e:  # permissions, a full disk, a missing folder: one line, never a traceback
+        from training.cli import os_error_exit_code, os_error_message
+
+        _warn(os_error_message(e))
+        return os_error_exit_code(e)
     except KeyboardInterrupt:
         _warn("interrupted")
         return 130

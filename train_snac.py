@@ -7,7 +7,8 @@ Examples:
   python train_snac.py --config my_config.json --set optim.lr=3e-4 --set train.max_steps=20000
   torchrun --nproc_per_node 8 train_snac.py --config my_config.yaml   # multi-GPU (DDP)
 
-Rerunning the same command resumes from <run_dir>/checkpoints/latest.pt.
+Rerunning the same command resumes from the newest readable checkpoint in <run_dir>/checkpoints
+(latest.pt, else the newest readable step_*.pt).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true",
-                   help="start fresh even if the run directory has checkpoints (they are kept, renamed "
-                   "to checkpoints.prevN)")
+                   help="start fresh even if the run directory has checkpoints (the previous run's "
+                   "checkpoints/, metrics.jsonl, export/, config.yaml and logs/ are kept, renamed to <name>.prevN)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=3e-4 --set loss.commitment=0 "
                    "(repeatable; applied last)")
@@ -61,6 +62,10 @@ def config_from_args(args: argparse.Namespace):
             cfg.model = model_preset(args.preset)
     else:
         cfg = create_training_config(preset=args.preset or "24khz")
+    if args.dataset and args.dataset_path:
+        # One of them would be silently ignored; say which to keep instead of guessing.
+        raise ConfigError(f"--dataset {args.dataset} and --dataset_path {args.dataset_path} both name the training "
+                          "data; give only one of them")
     if args.dataset:
         if args.dataset in DATASET_CONFIGS:
             apply_dataset_preset(cfg, args.dataset)

@@ -132,3 +132,62 @@ def test_dataset_presets_have_required_fields():
         assert cfg.data.dataset == name and "/" in cfg.data.dataset_path
         assert cfg.data.audio_column == "audio" and cfg.data.text_column
     json.dumps(DATASET_CONFIGS)  # presets stay plain data
+
+
+# Every out-of-range value is refused at load with the key and its allowed range (the values the
+# fault probe found accepted, plus their neighbours).
+OUT_OF_RANGE = [
+    ("optim.grad_clip", -1.0, "> 0, or null"), ("optim.grad_clip", 0, "> 0, or null"),
+    ("optim.lr_decay", -0.5, "in (0, 1]"), ("optim.lr_decay", 1.5, "in (0, 1]"),
+    ("optim.lr", -1e-4, "> 0"), ("optim.lr", float("nan"), "finite"), ("optim.lr", float("inf"), "finite"),
+    ("optim.betas", [0.8, 1.5], "[0, 1)"), ("optim.betas", [-0.1, 0.9], "[0, 1)"), ("optim.eps", 0, "> 0"),
+    ("optim.weight_decay", -0.01, ">= 0"),
+    ("loss.mel", -1, ">= 0"), ("loss.adversarial", -0.5, ">= 0"), ("loss.codebook", float("nan"), "finite"),
+    ("loss.mel_clamp", 0, "> 0"), ("loss.mel_fmax", 20000.0, "null or in"),
+    ("train.keep_last", -1, ">= 1"), ("train.keep_last", 0, ">= 1"), ("train.eval_batches", 0, ">= 1"),
+    ("train.max_nonfinite_steps", 0, ">= 1"), ("train.adversarial_start_step", -3, ">= 0"),
+    ("model.encoder_rates", [2, -4, 8, 8], "integers >= 1"), ("model.vq_strides", [4, 0, 1], "integers >= 1"),
+    ("model.codebook_dim", 0, ">= 1"), ("model.decoder_dim", 8, ">= 2**len"),
+    ("data.segment_seconds", 1e6, "in (0, 60]"), ("data.segment_seconds", 0, "in (0, 60]"),
+    ("data.val_segment_seconds", -2, "in (0, 60]"), ("data.batch_size", 0, ">= 1"),
+    ("data.loudness_db", 6.0, "null or <= 0"), ("data.dataset_weights", [1.0, -1.0], "!"),
+    ("discriminator.stft_hop_factor", 0, "in (0, 1]"), ("discriminator.stft_bands", [0.0, 0.5, 0.25, 1.0], "increasing"),
+    ("discriminator.periods", [2, 0], "integers >= 1"),
+]
+
+
+@pytest.mark.parametrize("key,value,allowed", OUT_OF_RANGE)
+def test_out_of_range_values_name_key_and_allowed_range(key, value, allowed):
+    overrides = {key: value}
+    if key == "data.dataset_weights":
+        overrides["data.extra_datasets"] = ["other"]
+        allowed = "weights >= 0"
+    with pytest.raises(ConfigError) as err:
+        create_training_config(preset="tiny", overrides=overrides)
+    message = str(err.value)
+    assert f"'{key}'" in message and allowed in message and "\n" not in message
+
+
+def test_defaults_and_presets_pass_validation():
+    for preset in ("24khz", "32khz", "44khz", "tiny"):
+        create_training_config(preset=preset, overrides={"optim.grad_clip": 1.0, "optim.lr_decay": 1.0})
+
+
+def test_absurd_batch_times_segment_is_refused_with_a_memory_estimate():
+    cfg = create_training_config(preset="24khz", overrides={"data.batch_size": 16, "data.segment_seconds": 0.8})
+    from training.config import activation_bytes_estimate
+
+    assert 1 << 30 < activation_bytes_estimate(cfg) < 64 << 30  # the paper's setting: a few GiB
+    with pytest.raises(ConfigError, match=r"'data.segment_seconds' x 'data.batch_size' .* GiB of activations"):
+        create_training_config(preset="24khz", overrides={"data.batch_size": 20000, "data.segment_seconds": 60})
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(folder)

@@ -148,3 +148,19 @@ def test_stoi_when_installed():
     ref = 0.3 * torch.randn(1, 1, 32000, generator=g)
     assert stoi_score(ref, ref.clone(), 16000) == pytest.approx(1.0, abs=1e-3)
     assert stoi_score(ref, torch.randn(1, 1, 32000, generator=g), 16000) < 0.5
+
+
+def test_spectral_and_perceptual_metrics_are_undefined_for_short_clips():
+    """Clips shorter than the largest STFT window give None (n/a), not an exception; one sample
+    more and the value is a number."""
+    from training.metrics import mel_distance, mel_min_samples, pesq_score, stft_distance, stft_min_samples, stoi_score
+
+    assert mel_min_samples() == stft_min_samples() == 1025  # DAC's and Parallel WaveGAN's 2048 windows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 1025, generator=g) * 0.1
+    y = x + 0.01 * torch.randn(1, 1, 1025, generator=g)
+    short_x, short_y = x[..., :1024], y[..., :1024]
+    assert mel_distance(short_x, short_y, 24000) is None and stft_distance(short_x, short_y) is None
+    assert isinstance(mel_distance(x, y, 24000), float) and isinstance(stft_distance(x, y), float)
+    assert pesq_score(short_x, short_y, 24000) is None  # P.862 needs 1/4 s
+    assert stoi_score(short_x, short_y, 24000) is None  # pystoi would return a placeholder 1e-5

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -524,8 +525,8 @@ def save_audio(path: PathLike, audio: Union[torch.Tensor, np.ndarray], sample_ra
     elif arr.ndim != 1:
         raise ValueError(f"save_audio expects (T,) or (C, T) audio, got shape {arr.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # Not mkstemp: its files are mode 0600; soundfile creates this one with the user's umask (0644 usually).
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         sf.write(tmp, np.clip(arr, -1.0, 1.0) if subtype.startswith("PCM") else arr, int(sample_rate),
                  format="WAV", subtype=subtype)

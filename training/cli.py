@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from contextlib import contextmanager
 from typing import Iterator, NoReturn, Tuple, Type
@@ -41,9 +42,27 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+# Environment errors the user can fix (permissions, a full disk, a path that is not a folder):
+# exit 2 like a bad flag. Any other OSError (I/O error, ...) is one line with exit 1.
+USER_FIXABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                                 errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def os_error_message(e: OSError) -> str:
+    """``Permission denied: /path`` from an OSError (strerror and the file names it carries)."""
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    text = e.strerror or str(e) or type(e).__name__
+    return f"{text}: {' -> '.join(names)}" if names else text
+
+
+def os_error_exit_code(e: OSError) -> int:
+    return 2 if e.errno in USER_FIXABLE_ERRNOS else 1
+
+
 @contextmanager
 def guard() -> Iterator[None]:
-    """Turn user-input errors into ``error: <message>`` + exit 2; Ctrl-C into exit 130."""
+    """Turn user-input errors into ``error: <message>`` + exit 2, environment errors (OSError)
+    into one line + exit 2 (user fixable) or 1, Ctrl-C into exit 130."""
     try:
         yield
     except KeyboardInterrupt:
@@ -51,6 +70,8 @@ def guard() -> Iterator[None]:
         sys.exit(130)
     except user_error_types() as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:
+        fail(os_error_message(e), os_error_exit_code(e))
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -783,9 +783,12 @@ def refuse_overwriting_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -
 METRIC_SEGMENT_SECONDS = 30.0  # mel / STFT distances are averaged over segments of this length
 
 
-def _segmented(fn: Callable[[Tensor, Tensor], float], ref: Tensor, est: Tensor, seg: int) -> float:
-    """Length-weighted mean of ``fn`` over segments (bounds the memory of spectral metrics)."""
+def _segmented(fn: Callable[[Tensor, Tensor], Optional[float]], ref: Tensor, est: Tensor, seg: int) -> Optional[float]:
+    """Length-weighted mean of ``fn`` over segments (bounds the memory of spectral metrics);
+    None when ``fn`` is not defined for the signal (a clip too short for its STFT)."""
     total, acc = ref.shape[-1], 0.0
+    if total <= seg:
+        return fn(ref, est)
     starts = list(range(0, total, seg))
     if len(starts) > 1 and total - starts[-1] < seg // 4:
         starts.pop()  # fold a short tail into the previous segment
@@ -835,12 +838,16 @@ TABLE_COLUMNS = (  # (key, header, format)
 
 
 def mean_metrics(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Mean of every numeric metric over ``rows`` (None where any row lacks it)."""
+    """Mean of every numeric metric over the rows where it is defined (None where no row has it:
+    a metric is None for clips too short for it)."""
     out: Dict[str, Any] = {}
     for key in rows[0]:
-        vals = [r[key] for r in rows]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            out[key] = float(np.mean(vals))
+        vals = [r.get(key) for r in rows]
+        defined = [v for v in vals if v is not None]
+        if not defined:
+            out[key] = None
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in defined):
+            out[key] = float(np.mean(defined))
         elif all(isinstance(v, list) for v in vals) and len({len(v) for v in vals}) == 1:
             out[key] = [float(x) for x in np.mean(np.array(vals, dtype=float), axis=0)]
     return out
@@ -848,7 +855,7 @@ def mean_metrics(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
-        return "-"
+        return "n/a"
     if isinstance(value, list):
         return "/".join(fmt.format(v) if not isinstance(v, float) else f"{v:.1f}" for v in value)
     return fmt.format(value)
@@ -902,7 +909,8 @@ def plot_spectrograms(reference: Tensor, estimate: Tensor, rate: int, path: Path
 
 def metrics_title(m: Dict[str, Any]) -> str:
     """One-line summary of the metrics for a plot title."""
-    parts = [f"{m['bitrate_kbps']:.2f} kbps", f"SI-SDR {m['si_sdr_db']:.2f} dB", f"mel {m['mel_distance']:.3f}",
-             f"STFT {m['stft_distance']:.3f}"]
+    na = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731 - clips too short for the STFT
+    parts = [f"{m['bitrate_kbps']:.2f} kbps", f"SI-SDR {m['si_sdr_db']:.2f} dB", f"mel {na(m['mel_distance'])}",
+             f"STFT {na(m['stft_distance'])}"]
     parts += [f"{k.upper()} {m[k]:.2f}" for k in ("pesq", "stoi") if m.get(k) is not None]
     return " | ".join(parts)

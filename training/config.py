@@ -563,26 +563,168 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Check cross-field constraints the types alone cannot express."""
-    m, d, t, l = cfg.model, cfg.data, cfg.train, cfg.loss
+    """Check every value against its allowed range; the first problem raises ConfigError with one
+    line naming the key, the allowed range and the value given."""
+    _check_finite(cfg)
+    _validate_model(cfg.model)
+    _validate_data(cfg)
+    _validate_loss(cfg.loss, cfg.model.sampling_rate)
+    _validate_discriminator(cfg.discriminator)
+    _validate_optim(cfg.optim)
+    _validate_train(cfg.train)
+    _check_memory(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
+    """NaN or infinity is never a meaningful setting (a NaN learning rate trains silently to NaN)."""
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"config key '{section}.{f.name}' must be a finite number, got {value!r}")
+
+
+def _each(values: Iterable[Any], ok, key: str, allowed: str) -> None:
+    """Check every entry of a list-valued key."""
+    for i, v in enumerate(values):
+        if not ok(v):
+            raise ConfigError(f"config key '{key}' must be {allowed}, got {list(values)!r} (entry {i} is {v!r})")
+
+
+def _range(value: Any, ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _range(m.sampling_rate, m.sampling_rate > 0, "model.sampling_rate", "> 0 (Hz)")
+    _range(m.encoder_dim, m.encoder_dim >= 1, "model.encoder_dim", ">= 1")
+    _range(m.decoder_dim, m.decoder_dim >= 1, "model.decoder_dim", ">= 1")
+    _each(m.encoder_rates, lambda r: r >= 1, "model.encoder_rates", "a non-empty list of integers >= 1")
+    _each(m.decoder_rates, lambda r: r >= 1, "model.decoder_rates", "a non-empty list of integers >= 1")
+    _range(m.encoder_rates, len(m.encoder_rates) >= 1, "model.encoder_rates", "a non-empty list of integers >= 1")
     _check(len(m.encoder_rates) == len(m.decoder_rates), "model.decoder_rates",
            "must have as many entries as model.encoder_rates")
-    _check(len(m.vq_strides) >= 1, "model.vq_strides", "needs at least one level")
-    _check(m.codebook_size >= 2, "model.codebook_size", "must be at least 2")
-    _check(m.sampling_rate > 0, "model.sampling_rate", "must be positive")
-    _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
-    _check(d.segment_seconds > 0, "data.segment_seconds", "must be positive")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(0.0 <= d.max_failure_fraction <= 1.0, "data.max_failure_fraction", "must be in [0, 1]")
+    # snac halves the channel count after every decoder block; it must stay at least 1.
+    _range(m.decoder_dim, m.decoder_dim >> len(m.decoder_rates) >= 1, "model.decoder_dim",
+           f">= 2**len(model.decoder_rates) = {2 ** len(m.decoder_rates)}")
+    _range(m.latent_dim, m.latent_dim is None or m.latent_dim >= 1, "model.latent_dim", "null or >= 1")
+    _range(m.attn_window_size, m.attn_window_size is None or m.attn_window_size >= 1, "model.attn_window_size",
+           "null or >= 1")
+    _range(m.codebook_size, m.codebook_size >= 2, "model.codebook_size", ">= 2")
+    _range(m.codebook_dim, m.codebook_dim >= 1, "model.codebook_dim", ">= 1")
+    _range(m.vq_strides, len(m.vq_strides) >= 1, "model.vq_strides", "a non-empty list of integers >= 1")
+    _each(m.vq_strides, lambda r: r >= 1, "model.vq_strides", "a non-empty list of integers >= 1")
+
+
+# ours: the longest segment accepted. Training crops are ~1 s (paper 0.8 s); a file shorter than the
+# segment is zero-padded, so a minute-long segment already trains mostly on padding for speech.
+MAX_SEGMENT_SECONDS = 60.0
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _range(d.batch_size, d.batch_size >= 1, "data.batch_size", ">= 1")
+    for key in ("segment_seconds", "val_segment_seconds"):
+        value = getattr(d, key)
+        _range(value, 0 < value <= MAX_SEGMENT_SECONDS, f"data.{key}", f"in (0, {MAX_SEGMENT_SECONDS:g}] seconds")
+    _range(d.num_workers, d.num_workers >= 0, "data.num_workers", ">= 0")
+    _range(d.val_items, d.val_items >= 0, "data.val_items", ">= 0")
+    _range(d.shuffle_buffer, d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1")
+    _range(d.loudness_db, d.loudness_db is None or d.loudness_db <= 0, "data.loudness_db", "null or <= 0 (dBFS)")
+    _range(d.silence_db, d.silence_db <= 0, "data.silence_db", "<= 0 (dBFS)")
+    _range(d.max_silence_retries, d.max_silence_retries >= 0, "data.max_silence_retries", ">= 0")
+    _range(d.max_failure_fraction, 0.0 <= d.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
+    _range(d.max_item_retries, d.max_item_retries >= 0, "data.max_item_retries", ">= 0")
+    if d.dataset_weights:
+        n = 1 + len(d.extra_datasets)
+        _range(d.dataset_weights, len(d.dataset_weights) == n, "data.dataset_weights",
+               f"empty or {n} weights (the main dataset, then each of data.extra_datasets)")
+        _each(d.dataset_weights, lambda w: w >= 0, "data.dataset_weights", "weights >= 0")
+        _range(d.dataset_weights, any(w > 0 for w in d.dataset_weights), "data.dataset_weights",
+               "weights with at least one > 0")
+
+
+def _validate_loss(l: LossConfig, sampling_rate: int) -> None:
+    for key in ("mel", "stft", "adversarial", "feature_matching", "commitment", "codebook"):
+        _range(getattr(l, key), getattr(l, key) >= 0, f"loss.{key}", ">= 0 (0 turns the term off)")
     _check(len(l.mel_window_lengths) == len(l.mel_n_mels), "loss.mel_n_mels",
            "must have as many entries as loss.mel_window_lengths")
+    _each(l.mel_window_lengths, lambda w: w >= 2, "loss.mel_window_lengths", "integers >= 2")
+    _each(l.mel_n_mels, lambda n: n >= 1, "loss.mel_n_mels", "integers >= 1")
+    _range(l.mel_clamp, l.mel_clamp > 0, "loss.mel_clamp", "> 0")
+    nyquist = sampling_rate / 2
+    _range(l.mel_fmin, 0 <= l.mel_fmin < nyquist, "loss.mel_fmin", f"in [0, {nyquist:g}) Hz")
+    _range(l.mel_fmax, l.mel_fmax is None or l.mel_fmin < l.mel_fmax <= nyquist, "loss.mel_fmax",
+           f"null or in (loss.mel_fmin, {nyquist:g}] Hz")
     _check(len(l.stft_fft_sizes) == len(l.stft_hop_sizes) == len(l.stft_win_lengths), "loss.stft_hop_sizes",
            "loss.stft_fft_sizes, stft_hop_sizes and stft_win_lengths must have equal lengths")
-    _check(len(cfg.optim.betas) == 2, "optim.betas", "must have two entries")
-    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
-    _check(t.max_steps >= 0, "train.max_steps", "must be >= 0")
-    for name in ("log_every", "eval_every", "checkpoint_every"):
-        _check(getattr(t, name) >= 1, f"train.{name}", "must be at least 1")
+    for fft, hop, win in zip(l.stft_fft_sizes, l.stft_hop_sizes, l.stft_win_lengths):
+        _range(list(l.stft_win_lengths), 1 <= win <= fft, "loss.stft_win_lengths", "in [1, the matching fft size]")
+        _range(list(l.stft_hop_sizes), hop >= 1, "loss.stft_hop_sizes", "integers >= 1")
+
+
+def _validate_discriminator(dc: DiscriminatorConfig) -> None:
+    _each(dc.periods, lambda p: p >= 1, "discriminator.periods", "integers >= 1")
+    _each(dc.stft_fft_sizes, lambda n: n >= 4, "discriminator.stft_fft_sizes", "integers >= 4")
+    _range(dc.stft_hop_factor, 0 < dc.stft_hop_factor <= 1, "discriminator.stft_hop_factor", "in (0, 1]")
+    b = dc.stft_bands
+    _range(b, len(b) >= 2 and all(0 <= x <= 1 for x in b) and all(x < y for x, y in zip(b, b[1:])),
+           "discriminator.stft_bands", "at least two increasing band edges in [0, 1]")
+    _range(dc.stft_channels, dc.stft_channels >= 1, "discriminator.stft_channels", ">= 1")
+    _each(dc.mpd_channels, lambda c: c >= 1, "discriminator.mpd_channels", "integers >= 1")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _range(o.lr, o.lr > 0, "optim.lr", "> 0")
+    _check(len(o.betas) == 2, "optim.betas", "must have two entries")
+    _each(o.betas, lambda b: 0 <= b < 1, "optim.betas", "two numbers in [0, 1)")
+    _range(o.eps, o.eps > 0, "optim.eps", "> 0")
+    _range(o.weight_decay, o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+    _range(o.lr_decay, 0 < o.lr_decay <= 1, "optim.lr_decay", "in (0, 1] (per-step factor; 1 = constant)")
+    # clip_grad_norm_ with a negative limit flips every gradient: the model would train backwards.
+    _range(o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "> 0, or null for no clipping")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _range(t.precision, t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16")
+    _range(t.max_steps, t.max_steps >= 0, "train.max_steps", ">= 0")
+    for name in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_last", "max_nonfinite_steps"):
+        _range(getattr(t, name), getattr(t, name) >= 1, f"train.{name}", ">= 1")
+    for name in ("adversarial_start_step", "dead_code_steps", "num_audio_samples", "seed"):
+        _range(getattr(t, name), getattr(t, name) >= 0, f"train.{name}", ">= 0")
+    _range(t.run_dir, bool(t.run_dir), "train.run_dir", "a directory path")
+
+
+# ours: refuse settings whose activations clearly cannot fit any machine (a typo such as
+# segment_seconds=1e6 would otherwise try to allocate terabytes before failing).
+MAX_ACTIVATION_BYTES = 1 << 40  # 1 TiB
+
+
+def activation_bytes_estimate(cfg: Config) -> int:
+    """Rough float32 bytes of the generator's saved activations for one training step.
+
+    Every decoder block keeps ~20 tensors (convolutions and Snake activations of its residual
+    units) at its own rate and width; the encoder mirrors it. Counted per output sample, times
+    the batch's samples. Used only to refuse absurd settings, not to plan memory."""
+    m = cfg.model
+    per_sample, channels, rate = 0.0, m.decoder_dim, m.hop_length
+    for r in m.decoder_rates:
+        channels, rate = max(1, channels // 2), rate // r or 1
+        per_sample += channels / rate
+    tensors_per_block = 20
+    floats = 2 * tensors_per_block * per_sample  # encoder + decoder
+    return int(4 * floats * cfg.data.batch_size * cfg.segment_length())
+
+
+def _check_memory(cfg: Config) -> None:
+    need = activation_bytes_estimate(cfg)
+    if need > MAX_ACTIVATION_BYTES:
+        raise ConfigError(f"config keys 'data.segment_seconds' x 'data.batch_size' ({cfg.data.segment_seconds:g} s x "
+                          f"{cfg.data.batch_size}) need an estimated {need / 2**30:,.0f} GiB of activations per step; "
+                          "reduce them")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -608,8 +750,13 @@ def load_config(path: Union[str, os.PathLike]) -> Config:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -632,7 +779,8 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2) + "\n"
-    tmp = f"{path}.tmp{os.getpid()}"
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp{os.getpid()}")  # hidden; removed at start if its writer died
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)

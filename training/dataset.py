@@ -27,6 +27,7 @@ batch comes out regardless of worker count or process; the infinite loader's pos
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import hashlib
 import json
@@ -140,9 +141,13 @@ def _row_id(row: Mapping[str, Any], index: int) -> str:
 
 
 def _folder_rows(root: Path) -> List[Dict[str, Any]]:
+    """One row per audio file; the id is the relative path without extension, or with it where
+    two files differ only by extension (``a.flac`` and ``a.mp3`` must not share an id)."""
     files = list_audio_files(root)
-    return [{"path": str(p), "id": p.relative_to(root).with_suffix("").as_posix(),
-             "parent": p.parent.relative_to(root).as_posix()} for p in files]
+    stems = [p.relative_to(root).with_suffix("").as_posix() for p in files]
+    clash = {s for s, n in collections.Counter(stems).items() if n > 1}
+    return [{"path": str(p), "id": p.relative_to(root).as_posix() if s in clash else s,
+             "parent": p.parent.relative_to(root).as_posix()} for p, s in zip(files, stems)]
 
 
 def is_ljspeech_folder(root: Path) -> bool:

@@ -6,13 +6,14 @@ optional packages ``pesq`` and ``pystoi``; without them their functions return `
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import LossConfig, ModelConfig
 from .losses import MelSpectrogramLoss, MultiResolutionSTFTLoss, check_audio_pair
 from .model import codebook_stats as _codebook_stats  # the tensor version used on the training path
 
@@ -52,9 +53,24 @@ def si_sdr(reference: Tensor, estimate: Tensor, eps: float = 1e-8) -> Tensor:
     return 10.0 * torch.log10((target.square().sum(-1) + eps) / (residual.square().sum(-1) + eps))
 
 
+def mel_min_samples() -> int:
+    """Shortest signal the mel distance is defined for: centered frames of the largest window
+    need more than half a window of audio (1025 samples with DAC's 2048-sample window)."""
+    return max(LossConfig.mel_window_lengths) // 2 + 1
+
+
+def stft_min_samples() -> int:
+    """Shortest signal the multi-resolution STFT distance is defined for (1025 samples)."""
+    return max(LossConfig.stft_fft_sizes) // 2 + 1
+
+
 @torch.no_grad()
-def mel_distance(reference: Tensor, estimate: Tensor, sample_rate: int) -> float:
-    """DAC multi-scale log-mel L1 (the unweighted training ``mel`` term) between ``(B, 1, T)`` signals."""
+def mel_distance(reference: Tensor, estimate: Tensor, sample_rate: int) -> Optional[float]:
+    """DAC multi-scale log-mel L1 (the unweighted training ``mel`` term) between ``(B, 1, T)`` signals;
+    None (not defined) for signals shorter than :func:`mel_min_samples`."""
+    check_audio_pair(reference, estimate)
+    if reference.shape[-1] < mel_min_samples():
+        return None
     key = (int(sample_rate), str(estimate.device))
     if key not in _MEL_LOSSES:
         _MEL_LOSSES[key] = MelSpectrogramLoss(sample_rate).to(estimate.device)
@@ -62,8 +78,12 @@ def mel_distance(reference: Tensor, estimate: Tensor, sample_rate: int) -> float
 
 
 @torch.no_grad()
-def stft_distance(reference: Tensor, estimate: Tensor) -> float:
-    """Multi-resolution STFT loss (the unweighted training ``stft`` term) between ``(B, 1, T)`` signals."""
+def stft_distance(reference: Tensor, estimate: Tensor) -> Optional[float]:
+    """Multi-resolution STFT loss (the unweighted training ``stft`` term) between ``(B, 1, T)`` signals;
+    None (not defined) for signals shorter than :func:`stft_min_samples`."""
+    check_audio_pair(reference, estimate)
+    if reference.shape[-1] < stft_min_samples():
+        return None
     key = str(estimate.device)
     if key not in _STFT_LOSSES:
         _STFT_LOSSES[key] = MultiResolutionSTFTLoss().to(estimate.device)
@@ -131,12 +151,13 @@ def _items(audio: Tensor) -> np.ndarray:
 
 
 def pesq_score(reference: Tensor, estimate: Tensor, sample_rate: int) -> Optional[float]:
-    """Wide-band PESQ (MOS-LQO) averaged over the batch; ``None`` when ``pesq`` is not installed.
+    """Wide-band PESQ (MOS-LQO) averaged over the batch; ``None`` when ``pesq`` is not installed
+    or the measure is not defined for the audio (shorter than 1/4 s, or no speech found).
 
     Both ``(B, 1, T)`` signals are resampled to 16 kHz with soxr first, as P.862.2 requires.
     """
     try:
-        from pesq import pesq
+        from pesq import PesqError, pesq
     except ImportError:
         return None
     import soxr
@@ -147,12 +168,16 @@ def pesq_score(reference: Tensor, estimate: Tensor, sample_rate: int) -> Optiona
         if sample_rate != PESQ_SAMPLE_RATE:
             ref = soxr.resample(ref, sample_rate, PESQ_SAMPLE_RATE)
             est = soxr.resample(est, sample_rate, PESQ_SAMPLE_RATE)
-        scores.append(pesq(PESQ_SAMPLE_RATE, ref, est, "wb"))
+        try:
+            scores.append(pesq(PESQ_SAMPLE_RATE, ref, est, "wb"))
+        except PesqError:  # too short, or no utterance detected: PESQ has no value here
+            return None
     return float(np.mean(scores))
 
 
 def stoi_score(reference: Tensor, estimate: Tensor, sample_rate: int, extended: bool = False) -> Optional[float]:
-    """(E)STOI intelligibility in [0, 1] averaged over the batch; ``None`` when ``pystoi`` is missing.
+    """(E)STOI intelligibility in [0, 1] averaged over the batch; ``None`` when ``pystoi`` is missing
+    or the audio is too short for it (pystoi then warns and returns a placeholder 1e-5).
 
     pystoi resamples to its internal 10 kHz rate itself.
     """
@@ -162,6 +187,12 @@ def stoi_score(reference: Tensor, estimate: Tensor, sample_rate: int, extended: 
         return None
 
     check_audio_pair(reference, estimate)
-    scores = [stoi(ref, est, sample_rate, extended=extended)
-              for ref, est in zip(_items(reference), _items(estimate))]
+    scores = []
+    for ref, est in zip(_items(reference), _items(estimate)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            score = stoi(ref, est, sample_rate, extended=extended)
+        if any("Not enough STFT frames" in str(w.message) for w in caught):
+            return None
+        scores.append(score)
     return float(np.mean(scores))

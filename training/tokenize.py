@@ -47,6 +47,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -253,9 +254,21 @@ def constant_defaults(sources: Sequence[SourceSpec]) -> Dict[str, Any]:
     return {key: zero[t] for key, t in types.items()}
 
 
+def _check_ranges(s: Settings) -> None:
+    """Integer settings against their minimum (INT_KEYS), before any process starts: a reader
+    count of 0 would otherwise wait forever for input that never comes."""
+    for key, minimum in INT_KEYS.items():
+        value = getattr(s, key)
+        if value is not None and value < minimum:
+            raise TokenizeError(f"{key} must be >= {minimum}, got {value}")
+    if s.max_seconds is not None and not math.isfinite(s.max_seconds):
+        raise TokenizeError(f"max_seconds must be a finite number of seconds, got {s.max_seconds}")
+
+
 def validate(s: Settings) -> None:
     """Cross-field checks; raises TokenizeError naming the offending key."""
     constant_defaults(s.sources)
+    _check_ranges(s)
     if not s.audio_codec:
         raise TokenizeError("no model given: set base_settings.audio_codec or --audio_codec")
     if not s.sources:
@@ -282,7 +295,9 @@ def validate(s: Settings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import OneLineParser
+
+    p = OneLineParser(
         prog="python -m training.tokenize",
         description="Encode audio datasets into SNAC token shards (gzip JSONL). Flags override --config values; "
                     "rerunning the same command after an interruption resumes the job.")
@@ -489,6 +504,7 @@ class OutputState:
         self._check_job(fingerprint)
         self._clean_interrupted()
         self._repair_failed_log()
+        self._set_aside_damaged()
 
     def _lock(self) -> None:
         f = open(self.state_dir / f"lock-{self.shard_index:05d}-of-{self.num_shards:05d}", "w")
@@ -524,6 +540,28 @@ class OutputState:
         for side in self.state_dir.glob(f"{self.prefix}*.json"):
             if not (self.out_dir / side.name[:-len(".json")]).is_file():
                 side.unlink()
+
+    def _set_aside_damaged(self) -> None:
+        """Verify this shard index's shards (complete gzip stream, line count equal to the id
+        list) and rename damaged ones to ``<name>.damaged``: their rows become pending again and
+        are encoded into new shards. Reads every shard once per start (gzip level 1 decompresses
+        at hundreds of MB/s)."""
+        for shard in self.shards():
+            if not shard.name.startswith(self.prefix):
+                continue  # another invocation's shards: that invocation checks them
+            side = self.state_dir / f"{shard.name}.json"
+            problem = shard_problem(shard, side)
+            if problem is None:
+                continue
+            target = shard.with_name(shard.name + ".damaged")
+            n = 1
+            while target.exists():
+                n += 1
+                target = shard.with_name(f"{shard.name}.damaged{n}")
+            os.replace(shard, target)
+            side.unlink(missing_ok=True)
+            print(f"warning: {shard.name} is damaged ({problem}); kept as {target.name}, its rows are encoded again",
+                  file=sys.stderr)
 
     def _repair_failed_log(self) -> None:
         """Drop a half-written last line (a kill mid-write); its row will simply be retried."""
@@ -564,6 +602,29 @@ class OutputState:
                 done.setdefault(rec["source"], set()).add(int(rec["index"]))
                 totals["failed"] += 1
         return done, totals
+
+
+def shard_problem(shard: Path, sidecar: Path) -> Optional[str]:
+    """Why a committed shard cannot be trusted (None when its gzip stream is complete and its
+    line count matches its id list)."""
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        info = None  # rebuilt from the shard itself below
+    lines = 0
+    try:
+        with gzip.open(shard, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return "its last line is incomplete"
+                lines += 1
+    except (OSError, EOFError, zlib.error) as e:
+        return f"incomplete gzip stream: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if info is not None:
+        listed = sum(b - a for runs in info.get("ids", {}).values() for a, b in runs)
+        if lines != info.get("lines") or lines != listed:
+            return f"{lines} lines but its id list names {listed}"
+    return None
 
 
 def _sidecar_from_shard(shard: Path) -> Dict[str, Any]:
@@ -1258,10 +1319,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: complete lines were committed; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (PermissionError, FileExistsError, NotADirectoryError) as e:  # e.g. an OUT_DIR we may not write
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as e:  # a crashed child, a full disk: rows stay pending for a rerun
+    except OSError as e:  # an OUT_DIR we may not write (2), a full disk (2), an I/O error (1): rows stay pending
+        from .cli import os_error_exit_code, os_error_message
+
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return os_error_exit_code(e)
+    except RuntimeError as e:  # a crashed child: rows stay pending for a rerun
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary.text())

@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
+import uuid
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,64 +412,260 @@ def checkpoint_payload(state: TrainState, loader=None) -> Dict[str, Any]:
         "rng": _rng_state(),
         "restarter": state.restarter.state_dict() if state.restarter else None,
         "data": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
+        "lineage": state.extra.get("lineage"),
     }
     return payload
 
 
+class CheckpointError(TrainingError):
+    """A checkpoint file cannot be used (unreadable, refused by weights_only, not a checkpoint)."""
+
+
+# What a file must hold to be resumed from (older keys only: newer ones are optional on load).
+REQUIRED_KEYS = ("step", "config", "generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d", "rng")
+_STEP_NAME = re.compile(r"^step_(\d+)\.pt$")
+_TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
+# ours: head room on top of a checkpoint's tensor bytes (zip headers, pickled config, other writers).
+FREE_SPACE_MARGIN = 16 << 20
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a training checkpoint, or CheckpointError saying
+    why the file cannot be used (empty, truncated, refused pickle, not a checkpoint)."""
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path.name} is empty")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError:
+        # weights_only refuses arbitrary Python objects; garbage bytes fail the same way.
+        raise CheckpointError(f"{path.name} was refused by the safe loader (not a checkpoint, or it holds "
+                              "Python objects other than tensors and plain containers)") from None
+    except Exception as e:  # noqa: BLE001 - zip, EOF and storage errors all mean "unreadable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path.name} is unreadable (truncated or damaged: {first[:120]})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path.name} is not a training checkpoint (holds a {type(ckpt).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path.name} is not a training checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def numbered_checkpoints(ckdir: Path) -> List[Tuple[int, Path]]:
+    """``(step, path)`` of every ``step_*.pt``, ordered by step (not by name)."""
+    found = []
+    for p in ckdir.glob("step_*.pt"):
+        m = _STEP_NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def checkpoint_files(ckdir: Path) -> List[Path]:
+    """The checkpoint files a run directory holds (not temporaries)."""
+    return sorted(p for p in ckdir.glob("*.pt") if not p.name.startswith(".")) if ckdir.is_dir() else []
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from, and why that one."""
+
+    path: Path
+    ckpt: Dict[str, Any]
+    skipped: List[str]
+
+    def describe(self) -> str:
+        why = f" ({'; '.join(self.skipped)})" if self.skipped else ""
+        return f"resumed from {self.path} at step {int(self.ckpt['step'])}{why}"
+
+
+def find_resume_checkpoint(ckdir: Path) -> Optional[ResumePoint]:
+    """The newest readable checkpoint: ``latest.pt``, unless a numbered checkpoint is newer or
+    ``latest.pt`` cannot be read; then the newest readable ``step_*.pt``; ``best.pt`` last.
+
+    Returns None when the directory holds no checkpoint files; raises CheckpointError when it
+    holds some but none is readable (never a silent fresh start over someone's run).
+    """
+    files = checkpoint_files(ckdir)
+    if not files:
+        return None
+    skipped: List[str] = []
+    found: Optional[Tuple[Path, Dict[str, Any]]] = None
+    latest = ckdir / "latest.pt"
+    if latest.is_file():
+        try:
+            found = (latest, read_checkpoint(latest))
+        except CheckpointError as e:
+            skipped.append(str(e))
+    else:
+        skipped.append("latest.pt is missing")
+    floor = int(found[1]["step"]) if found else -1
+    for step, path in reversed(numbered_checkpoints(ckdir)):
+        if step <= floor:
+            break
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if found:
+            skipped.append(f"{path.name} is newer than latest.pt (step {floor})")
+        found = (path, ckpt)
+        break
+    best = ckdir / "best.pt"
+    if found is None and best.is_file():
+        try:
+            found = (best, read_checkpoint(best))
+            skipped.append("no readable latest.pt or step_*.pt")
+        except CheckpointError as e:
+            skipped.append(str(e))
+    if found is None:
+        raise CheckpointError(f"no readable checkpoint in {ckdir} ({'; '.join(skipped) or 'no checkpoint files'}); "
+                              "use --no-resume to set them aside and start fresh")
+    return ResumePoint(found[0], found[1], skipped)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_dead_temp_files(*dirs: Path) -> List[Tuple[Path, int]]:
+    """Delete ``.<name>.tmp<PID>`` files whose writer process is gone (kill -9, power loss, a full
+    disk): they are never renamed into place and would only hold disk space. Returns
+    ``(path, bytes)`` of each removed file."""
+    removed = []
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _TEMP_NAME.match(p.name)
+            if m and p.is_file() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                size = p.stat().st_size
+                p.unlink()
+                removed.append((p, size))
+    return removed
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested payload (what torch.save writes, give or take headers)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def ensure_free_space(directory: Path, need: int) -> None:
+    """TrainingError (one line) unless ``directory``'s filesystem has ``need`` bytes plus a margin."""
+    free = shutil.disk_usage(directory).free
+    if free < need + FREE_SPACE_MARGIN:
+        raise TrainingError(f"not enough free space in {directory} for a checkpoint: about "
+                            f"{(need + FREE_SPACE_MARGIN) / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free; "
+                            "free some space and rerun the same command to resume from the last checkpoint")
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError (iostream error)
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+        raise TrainingError(f"cannot write checkpoint {path}: {why} (disk full?); the previous checkpoints are "
+                            "kept - fix the cause and rerun the same command to resume") from None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Point ``dst`` at ``src``'s bytes atomically (hard link when possible: no second write)."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(f"cannot write checkpoint {dst}: {e.strerror or e}; rerun the same command to "
+                            "resume") from None
+
+
+def prune_checkpoints(ckdir: Path, keep_last: int, step: int) -> List[Path]:
+    """Delete all but the ``keep_last`` newest numbered checkpoints up to ``step``, by step number.
+    Files of later steps (unreadable ones skipped at resume) are left for the run to overwrite."""
+    older = [p for s, p in numbered_checkpoints(ckdir) if s <= step]
+    doomed = older[:-keep_last] if keep_last > 0 else []
+    for p in doomed:
+        p.unlink()
+    return doomed
 
 
 def save_checkpoint(state: TrainState, loader=None, tags: Iterable[str] = ("latest",), numbered: bool = True) -> Path:
     """Write ``step_XXXXXXXX.pt`` (when ``numbered``) and the given tags (``latest``, ``best``).
 
-    Each file is written to a temporary name and renamed, so a crash leaves the previous file.
-    Only the newest ``train.keep_last`` numbered checkpoints are kept.
+    Each file is written to a temporary name and renamed, so a crash leaves the previous file;
+    free space is checked first. Only the newest ``train.keep_last`` numbered checkpoints are kept.
     """
     out = checkpoint_dir(state.cfg)
     out.mkdir(parents=True, exist_ok=True)
     payload = checkpoint_payload(state, loader)
+    ensure_free_space(out, _tensor_bytes(payload))
     tags = list(tags)
     first = out / (f"step_{state.step:08d}.pt" if numbered else f"{tags.pop(0)}.pt")
     _atomic_save(payload, first)
     for tag in tags:
         _link_or_copy(first, out / f"{tag}.pt")
     if numbered:
-        for old in sorted(out.glob("step_*.pt"))[:-state.cfg.train.keep_last or None]:
-            old.unlink()
+        prune_checkpoints(out, state.cfg.train.keep_last, state.step)
     return first
+
+
+def config_differences(saved: Dict[str, Any], cfg: Config, section: str) -> List[str]:
+    """``section.key: saved X, now Y`` for each key of ``section`` that differs."""
+    now = cfg.to_dict()[section]
+    old = saved.get(section, {}) if isinstance(saved, dict) else {}
+    return [f"{section}.{k}: checkpoint {old.get(k)!r}, now {now[k]!r}" for k in now if old.get(k, now[k]) != now[k]]
 
 
 def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
     """Restore ``state`` (and the data position of ``loader``) from a checkpoint file, or from a
     checkpoint dict already read from ``source``."""
-    ckpt = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = path if isinstance(path, dict) else read_checkpoint(Path(path))
     path = source if isinstance(path, dict) else path
     saved_model = ckpt["config"]["model"]
     if to_config({"model": saved_model}).model != state.cfg.model:
         raise TrainingError(f"{path} was trained with a different model config; "
                             "use --no-resume or another --run_dir")
-    state.generator.load_state_dict(ckpt["generator"])
-    state.discriminator.load_state_dict(ckpt["discriminator"])
-    state.opt_g.load_state_dict(ckpt["opt_g"])
-    state.opt_d.load_state_dict(ckpt["opt_d"])
+    diffs = config_differences(ckpt["config"], state.cfg, "discriminator")
+    if diffs:
+        raise TrainingError(f"{path} was trained with a different discriminator config ({'; '.join(diffs)}); "
+                            "resume with the checkpoint's values, or use --no-resume or another --run_dir")
+    try:
+        state.generator.load_state_dict(ckpt["generator"])
+        state.discriminator.load_state_dict(ckpt["discriminator"])
+        state.opt_g.load_state_dict(ckpt["opt_g"])
+        state.opt_d.load_state_dict(ckpt["opt_d"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"{path} does not fit this run ({first[:160]}); train.freeze_encoder / "
+                            "freeze_quantizer must match the checkpoint, or use --no-resume") from None
     state.sched_g.load_state_dict(ckpt["sched_g"])
     state.sched_d.load_state_dict(ckpt["sched_d"])
     state.step = int(ckpt["step"])
     state.best_mel = float(ckpt["best_mel"])
     state.nonfinite_total = int(ckpt["nonfinite_total"])
+    state.extra["lineage"] = ckpt.get("lineage")
     if state.restarter is not None and ckpt.get("restarter"):
         state.restarter.load_state_dict(ckpt["restarter"])
     if loader is not None and ckpt.get("data") is not None and hasattr(loader, "load_state_dict"):
@@ -473,17 +673,88 @@ def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
     _set_rng_state(ckpt["rng"])
 
 
-def set_aside_previous_run(cfg: Config) -> Optional[Path]:
-    """--no-resume in a used run directory: keep the old checkpoints under a new name, never delete."""
-    ckdir = checkpoint_dir(cfg)
-    if not ckdir.is_dir() or not any(ckdir.iterdir()):
+def adopt_best(state: TrainState) -> Optional[str]:
+    """Make ``best.pt`` only replaceable by a better evaluation of this run's lineage.
+
+    A resumed state may predate ``best.pt`` (resumed from an older numbered checkpoint): its
+    ``best_mel`` is lowered to best.pt's. A ``best.pt`` of another lineage (copied in, or left
+    by an older run) is renamed aside. Returns a note for the user, or None.
+    """
+    best = checkpoint_dir(state.cfg) / "best.pt"
+    if not best.is_file():
         return None
-    n = 1
-    while ckdir.with_name(f"checkpoints.prev{n}").exists():
+    try:
+        info = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        lineage, mel = info.get("lineage"), float(info["best_mel"])
+    except Exception:  # noqa: BLE001 - an unreadable best.pt is simply replaced by the next best
+        return f"{best} is unreadable; the next best evaluation replaces it"
+    if lineage != state.extra.get("lineage"):
+        target = _free_name(best.with_name(f"best.other{'' if lineage is None else '-' + str(lineage)[:8]}.pt"))
+        best.rename(target)
+        return f"{best} came from another run; kept as {target}"
+    state.best_mel = min(state.best_mel, mel)
+    return None
+
+
+def _free_name(path: Path) -> Path:
+    n, candidate = 1, path
+    while candidate.exists():
         n += 1
-    target = ckdir.with_name(f"checkpoints.prev{n}")
-    ckdir.rename(target)
-    return target
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    return candidate
+
+
+def leftovers(cfg: Config) -> List[Path]:
+    """What a previous run left in the run directory that a fresh start would mix with its own."""
+    run_dir = Path(cfg.train.run_dir)
+    names = [checkpoint_dir(cfg), run_dir / "metrics.jsonl", run_dir / "export", run_dir / "config.yaml"]
+    if not cfg.train.log_dir:
+        names.append(run_dir / "logs")
+    return [p for p in names if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+
+
+def set_aside_previous_run(cfg: Config) -> List[Path]:
+    """A fresh start in a used run directory: rename the previous run's checkpoints, metrics,
+    export, config and logs to ``<name>.prevN`` (one N for all), never delete them."""
+    old = leftovers(cfg)
+    if not old:
+        return []
+    n = 1
+    while any(_prev_name(p, n).exists() for p in old):
+        n += 1
+    moved = []
+    for p in old:
+        p.rename(_prev_name(p, n))
+        moved.append(_prev_name(p, n))
+    return moved
+
+
+def _prev_name(path: Path, n: int) -> Path:
+    """checkpoints -> checkpoints.prev1, metrics.jsonl -> metrics.prev1.jsonl."""
+    return path.with_name(f"{path.stem}.prev{n}{path.suffix}")
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop ``metrics.jsonl`` rows logged after ``step`` (they belong to steps the resumed run
+    repeats) and a half-written last line; returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if row_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 # --------------------------------------------------------------------------------------
@@ -589,21 +860,97 @@ def _run_eval(state: TrainState, val_batches, logger: RunLogger, loader) -> Opti
     return mel
 
 
-def _agree_on_resume(local: bool, latest: Path, world: int, device: torch.device) -> bool:
-    """Rank 0 decides whether to resume; a rank that cannot see its checkpoint is an error, not a
-    silent fresh start (that would desynchronize the ranks' step counts and hang)."""
+def _agree_on_resume(path: Optional[Path], world: int) -> Optional[Path]:
+    """Rank 0 picks the checkpoint; every rank loads that same file. A rank that cannot see it is
+    an error, not a silent fresh start (that would desynchronize the ranks' step counts and hang)."""
     if world <= 1:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0], device=device)  # NCCL needs a device tensor
-    dist.broadcast(flag, src=0)
-    if flag.item() and not local:
-        raise TrainingError(f"rank {dist.get_rank()} cannot see {latest}: --run_dir must be on a filesystem "
+        return path
+    box = [str(path) if path is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    chosen = Path(box[0]) if box[0] is not None else None
+    if chosen is not None and not chosen.is_file():
+        raise TrainingError(f"rank {dist.get_rank()} cannot see {chosen}: --run_dir must be on a filesystem "
                             "shared by all nodes")
-    return bool(flag.item())
+    return chosen
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and prove it is writable now, not after the first hour of training."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--run_dir {run_dir} exists and is not a directory")
+    probe = run_dir / f".write-test.tmp{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"cannot write to --run_dir {run_dir}: {e.strerror or e}") from None
+
+
+def prepare_run_dir(cfg: Config) -> Tuple[Optional[ResumePoint], List[str]]:
+    """Rank 0's start-up: create the run directory, remove dead writers' temporaries, and either
+    pick the checkpoint to resume from or set the previous run aside. Returns (point, notes)."""
+    run_dir, ckdir = Path(cfg.train.run_dir), checkpoint_dir(cfg)
+    make_run_dir(run_dir)
+    notes = []
+    removed = remove_dead_temp_files(run_dir, ckdir, run_dir / "export")
+    if removed:
+        mib = sum(size for _, size in removed) / 2**20
+        notes.append(f"removed {len(removed)} temporary file(s) left by interrupted writes ({mib:.1f} MiB)")
+    point = find_resume_checkpoint(ckdir) if cfg.train.resume else None
+    if point is None:
+        moved = set_aside_previous_run(cfg)
+        if moved:
+            why = "--no-resume" if not cfg.train.resume else "no checkpoint to resume from"
+            notes.append(f"{why}: the previous run's files are kept as {', '.join(p.name for p in moved)}")
+    return point, notes
+
+
+def adopt_architecture(cfg: Config, saved: Dict[str, Any]) -> Optional[str]:
+    """Resume as what the checkpoint actually trained: its model and discriminator configs replace
+    the requested ones (a run started with --init_from or another preset). Returns a note listing
+    what differs from the request, or None."""
+    diffs = [] if cfg.train.init_from else config_differences(saved, cfg, "model")
+    diffs += config_differences(saved, cfg, "discriminator")
+    cfg.model = to_config({"model": saved["model"]}).model
+    if "discriminator" in saved:
+        cfg.discriminator = to_config({"discriminator": saved["discriminator"]}).discriminator
+    cfg.train.init_from = None  # the weights come from the checkpoint, not the pretrained model
+    if not diffs:
+        return None
+    return (f"resuming the checkpoint's architecture, not the requested one ({'; '.join(diffs[:4])}"
+            f"{'; ...' if len(diffs) > 4 else ''}); use --no-resume or another --run_dir to train the requested one")
+
+
+def _save_config_checked(cfg: Config, path: Path) -> None:
+    try:
+        save_config(cfg, path)
+    except OSError as e:
+        raise TrainingError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _setup_dataset_checked(cfg: Config, rank: int, world: int):
+    """:func:`setup_dataset`, plus a clear stop when rank 0 gets no validation audio at all: say
+    whether the held-out items were unreadable or simply too few (not just "empty")."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader, val_batches = setup_dataset(cfg, rank, world)
+    for w in caught:  # still shown after the fact, under the user's warning filters
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if rank == 0 and isinstance(val_batches, list) and not val_batches:
+        unreadable = [str(w.message).split("unreadable audio: ", 1)[-1] for w in caught
+                      if "unreadable audio" in str(w.message)]
+        if unreadable:
+            raise TrainingError(f"no validation audio: all {len(unreadable)} held-out item(s) are unreadable "
+                                f"(first: {unreadable[0].splitlines()[0][:200]}); check the dataset files")
+        raise TrainingError("no validation audio: the dataset has too few items to hold out data.val_items; "
+                            "give data.val_split or a larger dataset")
+    return loader, val_batches
 
 
 def train_main(config) -> Dict[str, Any]:
-    """Train until ``train.max_steps``; resume from ``<run_dir>/checkpoints/latest.pt`` when present.
+    """Train until ``train.max_steps``; resume from the newest readable checkpoint in
+    ``<run_dir>/checkpoints`` (``latest.pt`` normally) when there is one.
 
     ``config`` is a Config, a plain dict or a config file path. Returns a summary dict
     (final step, last validation metrics, paths).
@@ -613,31 +960,30 @@ def train_main(config) -> Dict[str, Any]:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed + rank)
     run_dir = Path(cfg.train.run_dir)
-    latest = checkpoint_dir(cfg) / "latest.pt"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.train.resume:
-            moved = set_aside_previous_run(cfg)
-            if moved:
-                print(f"--no-resume: previous checkpoints kept in {moved}", file=sys.stderr)
+    point, notes = prepare_run_dir(cfg) if rank == 0 else (None, [])
     if world > 1:
         dist.barrier()
-    resuming = _agree_on_resume(cfg.train.resume and latest.is_file(), latest, world, device)
-    if resuming:
-        # The checkpoint holds the architecture and the (possibly fine-tuned) weights: a run started
-        # with --init_from or another preset resumes as what it actually trained.
-        ckpt = torch.load(latest, map_location="cpu", weights_only=True)
-        cfg.model = to_config({"model": ckpt["config"]["model"]}).model
-        cfg.train.init_from = None
+    chosen = _agree_on_resume(point.path if point else None, world)
+    if chosen is not None and point is None:
+        point = ResumePoint(chosen, read_checkpoint(chosen), [])
+    if point is not None:
+        note = adopt_architecture(cfg, point.ckpt["config"])
+        if note and rank == 0:
+            notes.append(note)
     state = build_state(cfg, device, rank, world)
-    loader, val_batches = setup_dataset(cfg, rank, world)
-    if resuming:
-        load_checkpoint(state, ckpt, loader, source=latest)
-        del ckpt
-        if rank == 0:
-            print(f"resumed from {latest} at step {state.step}", file=sys.stderr)
+    state.extra["lineage"] = uuid.uuid4().hex  # replaced by the checkpoint's when resuming
+    loader, val_batches = _setup_dataset_checked(cfg, rank, world)
+    if point is not None:
+        load_checkpoint(state, point.ckpt, loader, source=point.path)
+        notes.append(point.describe())
+        point = None  # drop the loaded tensors
     if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        best_note = adopt_best(state)
+        notes += [best_note] if best_note else []
+        trim_metrics(run_dir / "metrics.jsonl", state.step)
+        for note in notes:
+            print(note, file=sys.stderr)
+        _save_config_checked(cfg, run_dir / "config.yaml")
     logger = RunLogger(cfg, enabled=rank == 0)
     try:
         summary = _loop(state, loader, val_batches, logger)
@@ -653,10 +999,17 @@ def train_main(config) -> Dict[str, Any]:
 
 
 def _loop(state: TrainState, loader, val_batches, logger: RunLogger) -> Dict[str, Any]:
+    progress = _progress_bar(state)
+    try:
+        return _steps(state, loader, val_batches, logger, progress)
+    finally:
+        progress.close()  # before any error line, so the message does not land on the bar's line
+
+
+def _steps(state: TrainState, loader, val_batches, logger: RunLogger, progress) -> Dict[str, Any]:
     cfg = state.cfg
     t = cfg.train
     segment_seconds = cfg.segment_length() / cfg.model.sampling_rate
-    progress = _progress_bar(state)
     averager = Averager()
     last_val: Optional[float] = None
     if state.step == 0 and state.is_main:
@@ -689,8 +1042,7 @@ def _loop(state: TrainState, loader, val_batches, logger: RunLogger) -> Dict[str
             if state.is_main:
                 save_checkpoint(state, loader)
         tick = time.perf_counter()  # step time excludes evaluation and checkpoint writing
-    if state.is_main:
-        progress.close()
+    progress.close()
     summary: Dict[str, Any] = {"step": state.step, "val/mel": last_val, "best_mel": state.best_mel,
                                "skipped_steps": state.nonfinite_total}
     if state.is_main and t.export_on_end:
