@@ -131,13 +131,20 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     before = {k: v.clone() for k, v in state.generator.state_dict().items()}
     bad = torch.zeros(2, 1, cfg.segment_length())
     bad[0, 0, 100] = float("nan")
+    before_d = {k: v.clone() for k, v in state.discriminator.state_dict().items()}
     metrics = train_step(state, {"audio": bad})
-    assert metrics["train/skipped_steps"] == 1 and state.nonfinite_consecutive == 1
+    state.settle_skips()
+    assert float(metrics["train/skipped_steps"]) == 1 and state.nonfinite_consecutive == 1
     for k, v in state.generator.state_dict().items():
         assert torch.equal(v, before[k]), k  # no update from the NaN batch
+    for k, v in state.discriminator.state_dict().items():
+        assert torch.equal(v, before_d[k]), k
+    assert state.opt_g.state and all(float(s["step"]) == 0 for s in state.opt_g.state.values())  # moments untouched
     good = 0.1 * torch.randn(2, 1, cfg.segment_length())
     train_step(state, {"audio": good})
+    state.settle_skips()
     assert state.nonfinite_consecutive == 0 and state.nonfinite_total == 1
+    assert any(not torch.equal(v, before[k]) for k, v in state.generator.state_dict().items())
 
 
 class _Loader:
