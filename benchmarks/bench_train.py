@@ -179,6 +179,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads in each mode's process (default: torch's; 1 is steadier on a "
+                        "CPU shared with other jobs)")
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="dense bf16 peak of the device in TFLOP/s for the MFU column (default: from a table "
@@ -187,6 +190,8 @@ def main() -> int:
                    help="batch items of the FLOP-counting step (default: the batch on GPU, 1 on CPU)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one mode, JSON out
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.data = args.data or default_data()
     gpu = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (16 if gpu else 2)
@@ -204,6 +209,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--single", m, "--device", args.device, "--preset", args.preset,
                "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--workers", str(args.workers), "--data", str(args.data)]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
