@@ -155,11 +155,20 @@ def test_dead_code_restart_reseeds_only_unused_codes(tiny):
 # --------------------------------------------------------------------------------------
 
 
-def test_train_forward_compiles_to_one_graph(tiny):
+@pytest.mark.parametrize("arch", ["tiny", "tiny_with_attention"])
+def test_train_forward_compiles_to_one_graph(arch):
     import torch._dynamo
 
+    from training.config import ModelConfig
+
+    # The 32/44 kHz layout (local attention, 4 levels) at tiny widths.
+    cfg = model_preset("tiny") if arch == "tiny" else ModelConfig(
+        sampling_rate=44100, encoder_dim=8, encoder_rates=(2, 3, 8, 8), decoder_dim=64, decoder_rates=(8, 8, 3, 2),
+        attn_window_size=4, codebook_size=256, vq_strides=(8, 4, 2, 1))
+    torch.manual_seed(0)
+    model = build_generator(cfg)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(train_forward)(tiny, audio(t=4096))
+    explained = torch._dynamo.explain(train_forward)(model, audio(b=1, t=12288))
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
 
