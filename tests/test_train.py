@@ -125,8 +125,9 @@ def _tiny_cfg(tmp_path, **overrides):
     return create_training_config(preset="tiny", batch_size=2, overrides={**base, **overrides})
 
 
-def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
-    cfg = _tiny_cfg(tmp_path)
+@pytest.mark.parametrize("fused", [True, False])  # skip decided on the device / on the host
+def test_nonfinite_batch_is_skipped_and_counted(tmp_path, fused):
+    cfg = _tiny_cfg(tmp_path, **{"optim.fused": fused})
     state = build_state(cfg, torch.device("cpu"))
     before = {k: v.clone() for k, v in state.generator.state_dict().items()}
     bad = torch.zeros(2, 1, cfg.segment_length())
@@ -139,7 +140,8 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
         assert torch.equal(v, before[k]), k  # no update from the NaN batch
     for k, v in state.discriminator.state_dict().items():
         assert torch.equal(v, before_d[k]), k
-    assert state.opt_g.state and all(float(s["step"]) == 0 for s in state.opt_g.state.values())  # moments untouched
+    assert bool(state.opt_g.state) == fused  # fused: the step ran on the device and held back
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in state.opt_g.state.values())
     good = 0.1 * torch.randn(2, 1, cfg.segment_length())
     train_step(state, {"audio": good})
     state.settle_skips()
