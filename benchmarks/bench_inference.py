@@ -3,6 +3,7 @@
 
     python benchmarks/bench_inference.py                 # CPU, plus CUDA when available
     python benchmarks/bench_inference.py --files 8 --device cpu
+    python benchmarks/bench_inference.py --device cuda   # fp32 and bf16, and their code agreement
 
 Real-time factor (RTF) = compute seconds per second of audio (< 1: faster than real time). The
 model is the 24 kHz architecture (19.8M parameters) with seeded random weights: speed does not
@@ -85,7 +86,9 @@ def main() -> int:
 
     print(f"SNAC 24 kHz preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), torch {torch.__version__}")
     print(f"{'device':<40} {'precision':<9} {'mode':<22} {'audio s':>8} {'enc RTF':>8} {'dec RTF':>8} {'enc x RT':>9} {'dec x RT':>9}")
+    agreement = {}
     for name in devices:
+        codes = {}
         for precision in (["fp32"] if name == "cpu" else ["fp32", "bf16"]):
             codec = Codec(model, cfg, device=name, precision=precision, batch_size=args.batch_size)
             for mode, items in (("single file", [single]), (f"folder, {len(clips)} files batched", clips)):
@@ -93,7 +96,22 @@ def main() -> int:
                 print(f"{device_name(codec.device):<40} {precision:<9} {mode:<22} {r['audio_s']:>8.1f} "
                       f"{r['encode_rtf']:>8.4f} {r['decode_rtf']:>8.4f} {1 / r['encode_rtf']:>8.1f}x "
                       f"{1 / r['decode_rtf']:>8.1f}x", flush=True)
+            codes[precision] = codec.encode_many(clips)
+        if "bf16" in codes:
+            agreement[device_name(torch.device(name))] = identical_fraction(codes["fp32"], codes["bf16"])
+    for name, fraction in agreement.items():
+        print(f"{name}: bf16 codes identical to fp32 codes: {100 * fraction:.2f} % ({len(clips)} files, all levels)")
     return 0
+
+
+def identical_fraction(a, b) -> float:
+    """Fraction of codes equal in two ``encode_many`` results (per item, per level (n,) tensors)."""
+    same = total = 0
+    for levels_a, levels_b in zip(a, b):
+        for x, y in zip(levels_a, levels_b):
+            same += int((x.cpu() == y.cpu()).sum())
+            total += x.numel()
+    return same / max(1, total)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,28 @@ def test_moves_to_cuda_with_its_windows():
     assert all(b.device.type == "cuda" for b in disc.buffers())
     outputs = disc(0.1 * torch.randn(2, 1, 8192, device="cuda"))
     assert len(outputs) == disc.num_discriminators
+
+
+@pytest.mark.parametrize("part", ["all", "mpd", "mstft"])
+def test_each_discriminator_compiles_to_one_graph(part):
+    import torch._dynamo
+
+    from training.config import create_training_config
+
+    disc = Discriminator(create_training_config(preset="tiny").discriminator, 24000)
+    module = {"all": disc, "mpd": disc.mpd, "mstft": disc.mstft}[part]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module)(0.1 * torch.randn(2, 1, 4096))
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_input_is_checked_once_at_the_top(monkeypatch):
+    import training.discriminators as D
+
+    calls = []
+    real_check = D.check_audio
+    monkeypatch.setattr(D, "check_audio", lambda x: (calls.append(tuple(x.shape)), real_check(x)))
+    cfg = DiscriminatorConfig(periods=(2, 3), mpd_channels=(2, 2, 2, 2, 2), stft_fft_sizes=(256, 128), stft_channels=2)
+    Discriminator(cfg, 24000)(torch.randn(1, 1, 2048))
+    assert calls == [(1, 1, 2048)]

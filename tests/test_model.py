@@ -148,3 +148,102 @@ def test_dead_code_restart_reseeds_only_unused_codes(tiny):
     other = DeadCodeRestarter(tiny, threshold=2)
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.last_used, restarter.last_used))
+
+
+# --------------------------------------------------------------------------------------
+# GPU-readiness on CPU: compile without graph breaks, bf16 that keeps the codes, Snake dtype
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_with_attention"])
+def test_train_forward_compiles_to_one_graph(arch):
+    import torch._dynamo
+
+    from training.config import ModelConfig
+
+    # The 32/44 kHz layout (local attention, 4 levels) at tiny widths.
+    cfg = model_preset("tiny") if arch == "tiny" else ModelConfig(
+        sampling_rate=44100, encoder_dim=8, encoder_rates=(2, 3, 8, 8), decoder_dim=64, decoder_rates=(8, 8, 3, 2),
+        attn_window_size=4, codebook_size=256, vq_strides=(8, 4, 2, 1))
+    torch.manual_seed(0)
+    model = build_generator(cfg)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(train_forward)(model, audio(b=1, t=12288))
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def _speech(ljspeech_dir, seconds=1.5):
+    from training.audio import load_audio
+
+    clip = load_audio(ljspeech_dir / "wavs" / "LJ001-0001.flac", 24000)  # (1, T) at 24 kHz
+    return clip[:, 6000:6000 + int(seconds * 24000)].unsqueeze(0)
+
+
+def test_bf16_autocast_codes_equal_fp32_snac_encode_on_real_speech(ljspeech_dir):
+    """Encoder + code search run in fp32 inside autocast; the waveform comes out fp32."""
+    cfg = model_preset("24khz")
+    torch.manual_seed(1)
+    model = build_generator(cfg)
+    reference = snac.SNAC(**cfg.snac_kwargs())  # snac's own modules (its Snake1d), same weights
+    reference.load_state_dict(model.state_dict())
+    x = _speech(ljspeech_dir)
+    with torch.no_grad():
+        expected = reference.encode(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = train_forward(model, x)
+    assert out.audio.dtype == torch.float32 and out.audio.shape == x.shape
+    for level, (ours, ref) in enumerate(zip(out.codes, expected)):
+        assert torch.equal(ours, ref), f"level {level}: {(ours != ref).float().mean():.1%} of codes differ"
+
+
+def test_decoder_body_follows_autocast_and_output_conv_is_fp32(tiny):
+    """bf16 where the FLOPs are, fp32 for the last conv + tanh."""
+    seen = {}
+    layers = tiny.decoder.model
+    hooks = [layers[i].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.dtype))
+             for k, i in (("body", 1), ("out_conv", -2))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_forward(tiny, audio())
+    for h in hooks:
+        h.remove()
+    assert seen == {"body": torch.bfloat16, "out_conv": torch.float32}
+
+
+def test_snake_keeps_snac_math_keys_and_the_activation_dtype():
+    from training.model import Snake
+
+    torch.manual_seed(0)
+    theirs = snac.layers.Snake1d(16)
+    with torch.no_grad():
+        theirs.alpha.uniform_(0.5, 2.0)
+    ours = Snake(theirs.alpha)
+    x = torch.randn(2, 16, 300)
+    assert torch.equal(ours(x), theirs(x))  # fp32: bit-identical to snac's
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["alpha"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert theirs(x.bfloat16()).dtype == torch.float32  # snac's promotes to fp32 ...
+        y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16  # ... ours stays in the activation's dtype
+    assert torch.allclose(y.float(), theirs(x), atol=0.05, rtol=0.02)
+
+
+def test_generator_uses_dtype_following_snake_and_loads_in_snac(tiny, tmp_path):
+    from training.model import Snake
+
+    assert not any(isinstance(m, snac.layers.Snake1d) for m in tiny.modules())
+    assert any(isinstance(m, Snake) for m in tiny.modules())
+    plain = snac.SNAC(**model_preset("tiny").snac_kwargs())
+    assert list(tiny.state_dict()) == list(plain.state_dict())
+
+
+def test_codebook_stats_equal_bincount_reference():
+    from training.model import codebook_stats
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 40, (3, 50), generator=g)  # 40 of 64 entries at most
+    usage, perplexity = codebook_stats(codes, 64)
+    counts = torch.bincount(codes.reshape(-1), minlength=64).double()
+    p = counts[counts > 0] / counts.sum()
+    assert usage.item() == pytest.approx((counts > 0).double().mean().item())
+    assert perplexity.item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-5)

@@ -125,19 +125,28 @@ def _tiny_cfg(tmp_path, **overrides):
     return create_training_config(preset="tiny", batch_size=2, overrides={**base, **overrides})
 
 
-def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
-    cfg = _tiny_cfg(tmp_path)
+@pytest.mark.parametrize("fused", [True, False])  # skip decided on the device / on the host
+def test_nonfinite_batch_is_skipped_and_counted(tmp_path, fused):
+    cfg = _tiny_cfg(tmp_path, **{"optim.fused": fused})
     state = build_state(cfg, torch.device("cpu"))
     before = {k: v.clone() for k, v in state.generator.state_dict().items()}
     bad = torch.zeros(2, 1, cfg.segment_length())
     bad[0, 0, 100] = float("nan")
+    before_d = {k: v.clone() for k, v in state.discriminator.state_dict().items()}
     metrics = train_step(state, {"audio": bad})
-    assert metrics["train/skipped_steps"] == 1 and state.nonfinite_consecutive == 1
+    state.settle_skips()
+    assert float(metrics["train/skipped_steps"]) == 1 and state.nonfinite_consecutive == 1
     for k, v in state.generator.state_dict().items():
         assert torch.equal(v, before[k]), k  # no update from the NaN batch
+    for k, v in state.discriminator.state_dict().items():
+        assert torch.equal(v, before_d[k]), k
+    assert bool(state.opt_g.state) == fused  # fused: the step ran on the device and held back
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in state.opt_g.state.values())
     good = 0.1 * torch.randn(2, 1, cfg.segment_length())
     train_step(state, {"audio": good})
+    state.settle_skips()
     assert state.nonfinite_consecutive == 0 and state.nonfinite_total == 1
+    assert any(not torch.equal(v, before[k]) for k, v in state.generator.state_dict().items())
 
 
 class _Loader:
@@ -237,3 +246,148 @@ def test_finetune_run_resumes_with_the_pretrained_architecture(tmp_path, ljspeec
     assert "at step 1" in r.stderr
     ckpt = torch.load(tmp_path / "ft" / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["decoder_dim"] == 32
+
+
+# --------------------------------------------------------------------------------------
+# GPU-readiness checked on CPU: no device reads between log steps, compile, per-rank RNG
+# --------------------------------------------------------------------------------------
+
+# Every Python-level way a tensor's value reaches the host (each one a sync on CUDA).
+_DEVICE_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+class _DeviceReadGuard:
+    """Makes the reads above raise while ``active`` (monkeypatched onto torch.Tensor)."""
+
+    def __init__(self, monkeypatch):
+        self.active, self.caught = False, []
+        for name in _DEVICE_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+
+    def _wrap(self, name, original):
+        def guarded(tensor, *args, **kwargs):
+            if self.active:
+                self.caught.append(name)
+                raise AssertionError(f"Tensor.{name}() during a non-logging training step")
+            return original(tensor, *args, **kwargs)
+        return guarded
+
+
+class _GuardingLoader(_Loader):
+    """Random batches; arms the guard for the steps (batch fetch to next fetch) that log nothing."""
+
+    def __init__(self, n, guard, quiet_steps):
+        super().__init__(n)
+        self.guard, self.quiet_steps = guard, quiet_steps
+
+    def __next__(self):
+        self.guard.active = False
+        self.i += 1
+        batch = {"audio": 0.1 * torch.randn(2, 1, self.n)}
+        self.guard.active = self.i in self.quiet_steps
+        return batch
+
+
+def test_non_logging_steps_never_read_the_device(tmp_path, monkeypatch):
+    cfg = _tiny_cfg(tmp_path, **{"train.max_steps": 6, "train.log_every": 3, "train.eval_every": 100,
+                                 "train.checkpoint_every": 100, "train.export_on_end": False})
+    guard = _DeviceReadGuard(monkeypatch)
+    loader = _GuardingLoader(cfg.segment_length(), guard, quiet_steps={1, 2, 4, 5})
+    val = [{"audio": 0.1 * torch.randn(2, 1, cfg.segment_length())}]
+    monkeypatch.setattr("training.train.setup_dataset", lambda c, r, w: (loader, val))
+    summary = train_main(cfg)
+    guard.active = False
+    assert guard.caught == [] and summary["step"] == 6
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss/mel" in r]
+    assert [r["step"] for r in logged] == [3, 6]  # the means were still read back at the log steps
+    assert all(math.isfinite(r["loss/mel"]) and r["perf/step_ms"] > 0 for r in logged)
+
+
+def test_generator_pass_takes_real_features_without_autograd(tmp_path):
+    state = build_state(_tiny_cfg(tmp_path), torch.device("cpu"))
+    disc, calls = state.disc_gen, []
+
+    def spy(x):
+        calls.append((x.requires_grad, torch.is_grad_enabled()))
+        return disc(x)
+
+    state.disc_gen = spy
+    train_step(state, {"audio": 0.1 * torch.randn(2, 1, state.cfg.segment_length())})
+    # real half: no graph kept; fake half: gradients flow to the generator
+    assert calls == [(False, False), (True, True)]
+
+
+def test_generator_update_leaves_discriminator_gradients_alone(tmp_path):
+    state = build_state(_tiny_cfg(tmp_path), torch.device("cpu"))
+    batch = {"audio": 0.1 * torch.randn(2, 1, state.cfg.segment_length())}
+    grads = {}
+    for name, p in state.discriminator.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, grads.get(name, 0) + 1))
+    train_step(state, batch)
+    # exactly one accumulation per discriminator parameter: its own step, none from the G backward
+    assert grads and set(grads.values()) == {1}
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_over_three_steps(tmp_path):
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    n = _tiny_cfg(tmp_path).segment_length()
+    batches = [{"audio": 0.1 * torch.randn(2, 1, n, generator=g)} for _ in range(3)]
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        state = build_state(_tiny_cfg(tmp_path, **{"train.compile": compiled}), torch.device("cpu"))
+        torch.manual_seed(1)  # the decoder's noise blocks draw the same noise in both runs
+        with torch._inductor.config.patch(fallback_random=True):
+            losses[compiled] = [{k: float(v) for k, v in train_step(state, b).items() if k.startswith("loss/")}
+                                for b in batches]
+        if compiled:
+            assert state.disc_gen is state.disc_step  # one compiled discriminator for both passes
+    for step, (eager, comp) in enumerate(zip(losses[False], losses[True])):
+        for key in eager:
+            assert comp[key] == pytest.approx(eager[key], rel=2e-3, abs=1e-5), (step, key)
+
+
+RNG_PROBE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from training.config import create_training_config
+from training.train import train_main
+cfg = create_training_config(preset="tiny", dataset_path=sys.argv[2], batch_size=2, overrides={
+    "data.segment_seconds": 0.17, "data.val_segment_seconds": 0.17, "data.val_items": 2, "data.num_workers": 0,
+    "train.eval_batches": 1, "train.max_steps": 2, "train.checkpoint_every": 2, "train.device": "cpu",
+    "train.dead_code_steps": 0, "train.export_on_end": False, "train.run_dir": sys.argv[3]})
+train_main(cfg)
+# The next draws of this rank's generator: equal only if its RNG state is exactly restored.
+draws = torch.rand(4).tolist()
+with open(sys.argv[4] + "." + os.environ["RANK"], "w") as f:
+    json.dump(draws, f)
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_gets_its_own_rng_state_back_on_resume(tmp_path, ljspeech_dir):
+    """2 gloo ranks: after a resume, each rank continues its own random stream (not rank 0's)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(RNG_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def launch(tag):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+               str(probe), str(ROOT), str(ljspeech_dir), str(tmp_path / "run"), str(tmp_path / tag)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads((tmp_path / f"{tag}.{rank}").read_text()) for rank in (0, 1)]
+
+    trained = launch("trained")   # 2 steps, checkpoint at step 2, then draw
+    resumed = launch("resumed")   # resumes at step 2 = max_steps: restores the checkpoint, then draws
+    assert trained[0] != trained[1]  # ranks have their own streams
+    assert resumed == trained  # ... and each rank gets its own back
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
+    assert len(ckpt["rng_ranks"]) == 2

@@ -24,7 +24,6 @@ import io
 import math
 import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union

@@ -155,7 +155,7 @@ class OptimConfig:
     weight_decay: float = 0.01  # torch AdamW default (DAC does not change it)
     lr_decay: float = 0.999994  # paper: ExponentialLR gamma, per step, both networks
     grad_clip: Optional[float] = None  # paper: no clipping; a float clips both networks' grad norm
-    fused: Optional[bool] = None  # ours: None = fused AdamW on CUDA, foreach on CPU
+    fused: Optional[bool] = None  # ours: None = fused AdamW on CUDA and CPU (skips non-finite updates without a host sync), foreach elsewhere
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Every discriminator here returns the same structure: a list with one entry per
 sub-discriminator, each ``(logits, feature_maps)`` where ``feature_maps`` is the list of
 intermediate activations (after each hidden layer's activation) and excludes ``logits``.
-Inputs are ``(B, 1, T)`` float audio.
+Inputs are ``(B, 1, T)`` float audio. Each module's ``forward`` checks its input once and calls
+``_forward``, which composite modules call on their children directly, so a training step pays
+for one check at the top and the compiled graph holds convolutions only.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class PeriodDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         """``(B, 1, T)`` -> ``[(logits (B, 1, frames, period), feature_maps)]``."""
         check_audio(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         h = self.fold(x)
         fmaps = []
         for conv in self.convs:
@@ -95,7 +100,10 @@ class MultiPeriodDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         check_audio(x)
-        return [out for d in self.discriminators for out in d(x)]
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> List[DiscriminatorOutput]:
+        return [out for d in self.discriminators for out in d._forward(x)]
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +177,9 @@ class STFTDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         """``(B, 1, T)`` -> ``[(logits (B, 1, frames, sum of band widths / 8), feature_maps)]``."""
         check_audio(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         spec = self.spectrogram(x)
         fmaps, band_outs = [], []
         for (lo, hi), stack in zip(self.band_slices, self.band_convs):
@@ -194,7 +205,10 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         check_audio(x)
-        return [out for d in self.discriminators for out in d(x)]
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> List[DiscriminatorOutput]:
+        return [out for d in self.discriminators for out in d._forward(x)]
 
 
 # --------------------------------------------------------------------------------------
@@ -226,4 +240,4 @@ class Discriminator(nn.Module):
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         """``(B, 1, T)`` -> list of ``num_discriminators`` ``(logits, feature_maps)`` pairs."""
         check_audio(x)
-        return self.mpd(x) + self.mstft(x)
+        return self.mpd._forward(x) + self.mstft._forward(x)

@@ -11,11 +11,18 @@ modules step by step and adds, per quantizer level (after the stride average-poo
 
 (means over batch, channel and time; summed over levels). The nearest-code search is snac's own
 (``VectorQuantize.decode_latents``, on L2-normalized vectors), so codes equal ``SNAC.encode``'s.
+
+Under bf16 autocast the encoder, the code search and the decoder's output conv + tanh run in fp32:
+the codes stay those of fp32 ``SNAC.encode`` (a bf16 encoder moves a few percent of the codes to a
+neighbour) and the waveform keeps more than bf16's 8 mantissa bits (bf16 rounding of a speech
+waveform alone costs ~0.13 of the mel loss, 8x what 16-bit PCM costs). The decoder body, most
+of the generator's FLOPs, follows autocast.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -61,8 +68,38 @@ class TrainOutput(NamedTuple):
 
 
 def build_generator(cfg: ModelConfig) -> snac.SNAC:
-    """A freshly initialised ``snac.SNAC`` for ``cfg``."""
-    return snac.SNAC(**cfg.snac_kwargs())
+    """A freshly initialised ``snac.SNAC`` for ``cfg`` (its Snake activations swapped for
+    :class:`Snake`, same math and state_dict keys)."""
+    return use_dtype_following_snake(snac.SNAC(**cfg.snac_kwargs()))
+
+
+class Snake(torch.nn.Module):
+    """snac's ``Snake1d`` (``x + sin(alpha x)^2 / (alpha + 1e-9)``) computed in ``x``'s dtype.
+
+    snac's version multiplies a bf16 activation by its fp32 ``alpha``, which promotes the whole
+    activation to fp32 under autocast: twice the memory traffic in a memory-bound network and a
+    cast back before every conv. Here ``alpha`` is cast to the activation's dtype instead; in fp32
+    the operations and their order are snac's, so the outputs are identical. The parameter keeps
+    the name ``alpha`` and shape (1, C, 1), so state dicts load in ``snac.SNAC`` unchanged.
+    """
+
+    def __init__(self, alpha: torch.nn.Parameter):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, T) -> (B, C, T), same dtype."""
+        alpha = self.alpha.to(x.dtype)
+        return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+
+
+def use_dtype_following_snake(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``snac.layers.Snake1d`` in ``model`` by :class:`Snake` sharing its ``alpha``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, snac.layers.Snake1d):
+                setattr(parent, name, Snake(child.alpha))
+    return model
 
 
 def check_audio(audio: Tensor, model: Optional[snac.SNAC] = None, sample_rate: Optional[int] = None) -> None:
@@ -82,8 +119,15 @@ def check_audio(audio: Tensor, model: Optional[snac.SNAC] = None, sample_rate: O
 
 
 def codebook_stats(codes: Tensor, codebook_size: int) -> Tuple[Tensor, Tensor]:
-    """Fraction of the codebook used by ``codes`` and the perplexity of their histogram."""
-    counts = torch.bincount(codes.reshape(-1), minlength=codebook_size).float()
+    """Fraction of the codebook used by ``codes`` (int64, any shape) and the perplexity of their
+    histogram, as 0-dim float32 tensors on ``codes``' device.
+
+    The histogram is a fixed-size scatter-add: unlike ``torch.bincount`` (whose output size
+    depends on the data) it neither synchronises with the host nor breaks a compiled graph.
+    """
+    flat = codes.reshape(-1)
+    counts = torch.zeros(codebook_size, dtype=torch.float32, device=codes.device)
+    counts = counts.scatter_add(0, flat, torch.ones_like(flat, dtype=torch.float32))
     probs = counts / counts.sum().clamp_min(1.0)
     usage = (counts > 0).float().mean()
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
@@ -104,6 +148,7 @@ def _quantize_level(vq: torch.nn.Module, residual: Tensor) -> Tuple[Tensor, Tens
     z = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
     z_e = vq.in_proj(z)
     # snac's own nearest-code search on L2-normalized vectors: identical codes to SNAC.encode.
+    # Callers run this in fp32 (see train_forward): a bf16 search picks other codes.
     z_q, codes = vq.decode_latents(z_e)
     commitment = F.mse_loss(z_e, z_q.detach())
     codebook = F.mse_loss(z_q, z_e.detach())
@@ -115,26 +160,44 @@ def _quantize_level(vq: torch.nn.Module, residual: Tensor) -> Tuple[Tensor, Tens
     return z_q, codes, z_e, commitment, codebook
 
 
+def pad_to_unit(model: snac.SNAC, audio: Tensor) -> Tensor:
+    """Right-pad ``audio`` (B, 1, T) with zeros to a multiple of ``hop * lcm(vq_strides[0], attn_window)``.
+
+    The padding of ``snac.SNAC.preprocess`` computed with Python ints: snac's ``hop_length`` is a
+    numpy scalar, which makes the arithmetic opaque to ``torch.compile`` (a graph break).
+    """
+    hop = math.prod([int(r) for r in model.encoder_rates])
+    unit = hop * math.lcm(int(model.vq_strides[0]), int(model.attn_window_size or 1))
+    length = audio.shape[-1]
+    return F.pad(audio, (0, -(-length // unit) * unit - length))
+
+
+def _fp32(x: Tensor):
+    """Disable autocast on ``x``'s device (fp32 islands inside a bf16 step)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _decode(model: snac.SNAC, z_q: Tensor) -> Tensor:
+    """snac's decoder with its output conv and tanh in fp32: (B, latent, T') -> fp32 (B, 1, T)."""
+    layers = model.decoder.model
+    h = layers[:-2](z_q)  # follows the ambient autocast
+    with _fp32(h):
+        return layers[-1](layers[-2](h.float()))
+
+
 def train_forward(model: snac.SNAC, audio: Tensor, sample_rate: Optional[int] = None) -> TrainOutput:
-    """Encode, quantize (with VQ losses) and decode ``audio`` (B, 1, T) at the model's rate."""
+    """Encode, quantize (with VQ losses) and decode ``audio`` (B, 1, T) at the model's rate.
+
+    Encoder and quantizer run in fp32 even under autocast, so the codes are fp32
+    ``SNAC.encode``'s; the reconstruction is float32 (see the module docstring).
+    """
     check_audio(audio, model, sample_rate)
     length = audio.shape[-1]
-    z = model.encoder(model.preprocess(audio))
-    z_q_sum: Any = 0.0
-    residual = z
-    codes, latents, commit, cbook, usage, perplexity = [], [], [], [], [], []
-    for vq in model.quantizer.quantizers:
-        z_q, c, z_e, lc, lb = _quantize_level(vq, residual)
-        z_q_sum = z_q_sum + z_q
-        residual = residual - z_q
-        codes.append(c)
-        latents.append(z_e.detach())
-        commit.append(lc)
-        cbook.append(lb)
-        u, p = codebook_stats(c, vq.codebook_size)
-        usage.append(u)
-        perplexity.append(p)
-    recon = model.decoder(z_q_sum)[..., :length]
+    with _fp32(audio):
+        z = model.encoder(pad_to_unit(model, audio.float()))
+        z_q_sum, codes, latents, commit, cbook = _quantize(model, z)
+    usage, perplexity = zip(*(codebook_stats(c, model.codebook_size) for c in codes))
+    recon = _decode(model, z_q_sum)[..., :length]
     return TrainOutput(
         audio=recon,
         codes=codes,
@@ -144,6 +207,26 @@ def train_forward(model: snac.SNAC, audio: Tensor, sample_rate: Optional[int] = 
         codebook_perplexity=torch.stack(perplexity),
         latents=latents,
     )
+
+
+def _quantize(model: snac.SNAC, z: Tensor):
+    """Residual VQ over every level of ``model`` on encoder output ``z`` (B, latent, T').
+
+    Returns ``(z_q sum (B, latent, T'), codes, detached z_e latents, commitment losses, codebook
+    losses)``, the last four as per-level lists.
+    """
+    z_q_sum: Any = 0.0
+    residual = z
+    codes, latents, commit, cbook = [], [], [], []
+    for vq in model.quantizer.quantizers:
+        z_q, c, z_e, lc, lb = _quantize_level(vq, residual)
+        z_q_sum = z_q_sum + z_q
+        residual = residual - z_q
+        codes.append(c)
+        latents.append(z_e.detach())
+        commit.append(lc)
+        cbook.append(lb)
+    return z_q_sum, codes, latents, commit, cbook
 
 
 # --------------------------------------------------------------------------------------

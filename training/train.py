@@ -8,6 +8,11 @@ Per step (the order of DAC's trainer, which SNAC follows)::
     out    = generator(real)                       # train_forward: reconstruction + VQ losses
     D step = LSGAN(D(real), D(out.audio.detach()))  # discriminator first, on detached fakes
     G step = GeneratorLoss(real, out.audio, VQ, D(real), D(out.audio))   # with the updated D
+
+A step does not wait for the GPU: losses, norms and codebook statistics stay on the device and
+are read back (one transfer) only at ``log_every`` steps and when evaluating or checkpointing.
+A non-finite loss or gradient norm skips that network's update on the device (fused AdamW's
+``found_inf``, the mechanism of ``torch.amp.GradScaler``), so no step needs a host decision.
 """
 
 from __future__ import annotations
@@ -79,12 +84,16 @@ class TrainState:
     sched_d: torch.optim.lr_scheduler.LRScheduler
     loss_fn: GeneratorLoss
     restarter: Optional[DeadCodeRestarter] = None
+    disc_gen: Optional[nn.Module] = None  # the discriminator of the generator pass (compiled, no DDP)
     rank: int = 0
     world_size: int = 1
     step: int = 0
     best_mel: float = math.inf
     nonfinite_total: int = 0
     nonfinite_consecutive: int = 0
+    # Skips since the last settle_skips(), on the device: [skipped steps, trailing run of skipped
+    # steps, 1 if any step succeeded]. Read on the host only by settle_skips().
+    skip_window: Optional[Tensor] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,10 +102,32 @@ class TrainState:
 
     @property
     def autocast(self):
-        """bf16 autocast on CUDA when enabled; spectral losses cast themselves back to fp32."""
-        if self.device.type == "cuda" and resolve_precision(self.cfg, self.device) == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast when enabled (CUDA by default, CPU when asked for); spectral losses,
+        the code search and the output waveform run in fp32 inside it."""
+        if self.device.type in ("cuda", "cpu") and resolve_precision(self.cfg, self.device) == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def count_skip(self, skipped: Tensor) -> None:
+        """Record this step's skip flag (0-dim float32, 1.0 = skipped) without a host sync."""
+        if self.skip_window is None:
+            self.skip_window = torch.zeros(3, device=skipped.device)
+        total, run, any_ok = self.skip_window.unbind()
+        self.skip_window = torch.stack([total + skipped, (run + 1) * skipped, torch.maximum(any_ok, 1 - skipped)])
+
+    def settle_skips(self) -> None:
+        """Fold the device-side skip window into ``nonfinite_total``/``nonfinite_consecutive`` (one sync)."""
+        if self.skip_window is None:
+            return
+        total, run, any_ok = (int(v) for v in self.skip_window.tolist())
+        self.skip_window = None
+        self.nonfinite_total += total
+        self.nonfinite_consecutive = run if any_ok else self.nonfinite_consecutive + run
+
+    def skipped_steps(self) -> Tensor:
+        """``nonfinite_total`` including unsettled skips, as a device tensor (no sync)."""
+        pending = self.skip_window[0] if self.skip_window is not None else torch.zeros((), device=self.device)
+        return pending + self.nonfinite_total
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,7 +204,9 @@ def setup_models(cfg: Config, device: torch.device) -> Tuple[snac.SNAC, Discrimi
 
 def _adamw(params: Iterable[Tensor], cfg: Config, device: torch.device) -> torch.optim.AdamW:
     o = cfg.optim
-    fused = o.fused if o.fused is not None else device.type == "cuda"
+    # Fused by default on CUDA and CPU: one kernel per step, and it can skip a non-finite update on
+    # the device (found_inf), which keeps the step free of host syncs.
+    fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                              fused=fused or None, foreach=None if fused else True)
 
@@ -200,37 +233,33 @@ def setup_dataset(cfg: Config, rank: int = 0, world_size: int = 1):
 def build_state(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainState:
     generator, discriminator = setup_models(cfg, device)
     opt_g, opt_d, sched_g, sched_d = setup_optimizers(cfg, generator, discriminator, device)
+    if device.type == "cuda":
+        # Fixed crop length and batch: the autotuned convolution algorithms are reused every step.
+        torch.backends.cudnn.benchmark = True
     gen_step: nn.Module = TrainingGenerator(generator)
     disc_step: nn.Module = discriminator
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         gen_step = DDP(gen_step, device_ids=ids)
         disc_step = DDP(disc_step, device_ids=ids)
+    # The generator pass needs no gradient all-reduce for the discriminator (it does not update
+    # it), so it calls the plain module; under compile that is the same compiled module when no
+    # DDP wrapper stands between.
+    disc_gen: nn.Module = discriminator
     if cfg.train.compile:
         gen_step, disc_step = torch.compile(gen_step), torch.compile(disc_step)
+        disc_gen = disc_step if world_size == 1 else torch.compile(discriminator)
     restarter = DeadCodeRestarter(generator, cfg.train.dead_code_steps, seed=cfg.train.seed) \
         if cfg.train.dead_code_steps > 0 and not cfg.train.freeze_quantizer else None
     return TrainState(cfg=cfg, device=device, generator=generator, discriminator=discriminator,
                       gen_step=gen_step, disc_step=disc_step, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
                       sched_d=sched_d, loss_fn=GeneratorLoss(cfg.loss, cfg.model.sampling_rate).to(device),
-                      restarter=restarter, rank=rank, world_size=world_size)
+                      restarter=restarter, disc_gen=disc_gen, rank=rank, world_size=world_size)
 
 
 # --------------------------------------------------------------------------------------
 # One step
 # --------------------------------------------------------------------------------------
-
-
-@contextmanager
-def frozen(module: nn.Module):
-    """Temporarily stop gradients into ``module``'s parameters (inputs still get gradients)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 def _split(outputs, n: int):
@@ -240,34 +269,70 @@ def _split(outputs, n: int):
     return real, fake
 
 
-def _all_finite(state: TrainState, *values: Tensor) -> bool:
-    """True when every value is finite on every rank (one collective, so ranks decide alike)."""
-    ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
+def _nonfinite(state: TrainState, loss: Tensor, norm: Tensor) -> Tensor:
+    """1.0 when the loss or the gradient norm is non-finite on any rank, else 0.0 (0-dim float32
+    on the device; the all-reduce keeps ranks deciding alike without a host round trip)."""
+    bad = (~(torch.isfinite(loss.detach().float()) & torch.isfinite(norm.float()))).float()
     if state.world_size > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad
 
 
-def _update(state: TrainState, loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[Tensor]) -> Tuple[bool, Tensor]:
-    """Backward + (optional clip) + step, unless the loss or the gradient norm is non-finite."""
+def _step_unless(opt: torch.optim.Optimizer, bad: Tensor) -> None:
+    """``opt.step()`` unless ``bad`` is 1.0.
+
+    Fused AdamW takes the decision on the device through its ``found_inf`` attribute (as
+    ``GradScaler`` uses it: parameters, moments and step count stay untouched). Other optimizers
+    need the flag on the host: the one sync left for them (``optim.fused=false``).
+    """
+    if opt.defaults.get("fused"):
+        opt.found_inf = bad
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    elif not bool(bad):
+        opt.step()
+
+
+def _update(state: TrainState, loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Backward into ``params`` only + (optional clip) + step, skipped when the loss or the
+    gradient norm is non-finite. Returns ``(skipped flag, gradient norm)`` as device tensors.
+
+    The learning-rate schedule advances on skipped steps too: it follows the step counter.
+    """
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward(inputs=params)
     clip = state.cfg.optim.grad_clip
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
-    if not _all_finite(state, loss, norm):
-        opt.zero_grad(set_to_none=True)
-        return False, norm
-    opt.step()
+    bad = _nonfinite(state, loss, norm)
+    _step_unless(opt, bad)
     sched.step()
-    return True, norm
+    return bad, norm
 
 
-def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, float]:
+def _generator_pass_features(state: TrainState, real: Tensor, fake: Tensor):
+    """Discriminator outputs for the generator loss: ``(D(real), D(fake))``.
+
+    The real half only supplies feature-matching targets, so it runs without autograd: its
+    activations are not kept for a backward pass (see ``benchmarks/bench_train.py``).
+    """
+    disc = state.disc_gen if state.disc_gen is not None else state.discriminator
+    with torch.no_grad(), state.autocast:
+        g_real = disc(real)
+    with state.autocast:
+        g_fake = disc(fake)
+    return g_real, g_fake
+
+
+def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, Any]:
     """One discriminator update then one generator update on ``batch["audio"]`` (B, 1, T).
 
     Returns the step's scalars (unweighted loss terms under their weight names, gradient norms,
-    learning rates, codebook statistics). A non-finite loss or gradient skips both updates.
+    learning rates, codebook statistics) as 0-dim device tensors, learning rates as floats: the
+    step never waits for the device. A non-finite loss or gradient norm skips that network's
+    update (on every rank alike); :meth:`TrainState.settle_skips` reads the skip counts.
     """
     cfg = state.cfg
     real = batch["audio"].to(state.device, non_blocking=True)
@@ -280,41 +345,44 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, float]:
     with state.autocast:
         d_real, d_fake = _split(state.disc_step(torch.cat([real, fake.detach()])), n)
     d_loss = discriminator_loss(d_real, d_fake)
-    d_ok, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()))
+    d_bad, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()))
 
     # Generator step against the just-updated discriminator; before adversarial_start_step only
     # reconstruction + VQ losses drive the generator (the discriminator keeps learning above).
-    adversarial = state.step >= cfg.train.adversarial_start_step
-    with frozen(state.discriminator):
-        if adversarial:
-            with state.autocast:
-                g_real, g_fake = _split(state.discriminator(torch.cat([real, fake])), n)
-        else:
-            g_real = g_fake = None
-        total, terms = state.loss_fn(real, fake, out.commitment_loss, out.codebook_loss, g_real, g_fake)
-    # Always run the backward (DDP expects one per forward); each network skips its own update
-    # when its loss or gradient norm is non-finite on any rank.
+    # The backward reaches the generator's parameters only (``inputs=``), never the discriminator's.
+    g_real = g_fake = None
+    if state.step >= cfg.train.adversarial_start_step:
+        g_real, g_fake = _generator_pass_features(state, real, fake)
+    total, terms = state.loss_fn(real, fake, out.commitment_loss, out.codebook_loss, g_real, g_fake)
+    # Always run the backward (DDP expects one per forward).
     gen_params = [p for p in state.generator.parameters() if p.requires_grad]
-    g_ok, g_norm = _update(state, total, state.opt_g, state.sched_g, gen_params)
+    g_bad, g_norm = _update(state, total, state.opt_g, state.sched_g, gen_params)
     state.step += 1
+    skipped = torch.maximum(d_bad, g_bad)
+    state.count_skip(skipped)
 
-    metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-    metrics.update({"loss/discriminator": float(d_loss.detach()), "loss/generator_total": float(total.detach()),
-                    "grad_norm/generator": float(g_norm), "grad_norm/discriminator": float(d_norm),
+    metrics = _step_metrics(state, terms, d_loss, total, d_norm, g_norm, out)
+    if state.restarter is not None:
+        # A skipped step's latents may hold NaN: offer zeros instead (a zero vector never wins
+        # the normalized nearest-code search, so a code re-seeded from it is restarted again).
+        latents = [torch.where(skipped > 0, torch.zeros_like(z), z) for z in out.latents]
+        for level, count in enumerate(state.restarter.step(state.step, out.codes, latents)):
+            metrics[f"codebook/restarted_level{level}"] = count
+    metrics["train/skipped_steps"] = state.skipped_steps()
+    return metrics
+
+
+def _step_metrics(state: TrainState, terms: Dict[str, Tensor], d_loss: Tensor, total: Tensor,
+                  d_norm: Tensor, g_norm: Tensor, out: TrainOutput) -> Dict[str, Any]:
+    """The step's scalars, device tensors left on the device (indexing a stacked tensor is a view)."""
+    metrics: Dict[str, Any] = {f"loss/{k}": v.detach() for k, v in terms.items()}
+    metrics.update({"loss/discriminator": d_loss.detach(), "loss/generator_total": total.detach(),
+                    "grad_norm/generator": g_norm.detach(), "grad_norm/discriminator": d_norm.detach(),
                     "lr/generator": state.sched_g.get_last_lr()[0],
                     "lr/discriminator": state.sched_d.get_last_lr()[0]})
-    for level, (u, p) in enumerate(zip(out.codebook_usage.tolist(), out.codebook_perplexity.tolist())):
-        metrics[f"codebook/usage_level{level}"] = u
-        metrics[f"codebook/perplexity_level{level}"] = p
-    if g_ok and d_ok:
-        state.nonfinite_consecutive = 0
-        if state.restarter is not None:
-            for level, count in enumerate(state.restarter.step(state.step, out.codes, out.latents)):
-                metrics[f"codebook/restarted_level{level}"] = float(count)
-    else:
-        state.nonfinite_total += 1
-        state.nonfinite_consecutive += 1
-    metrics["train/skipped_steps"] = float(state.nonfinite_total)
+    for level in range(out.codebook_usage.shape[0]):
+        metrics[f"codebook/usage_level{level}"] = out.codebook_usage[level].detach()
+        metrics[f"codebook/perplexity_level{level}"] = out.codebook_perplexity[level].detach()
     return metrics
 
 
@@ -410,6 +478,8 @@ def checkpoint_payload(state: TrainState, loader=None) -> Dict[str, Any]:
         "best_mel": state.best_mel,
         "nonfinite_total": state.nonfinite_total,
         "rng": _rng_state(),
+        # Every rank's RNG state, gathered at the checkpoint step (see gather_rng_states).
+        "rng_ranks": state.extra["rng_ranks"] if state.extra.get("rng_ranks_step") == state.step else None,
         "restarter": state.restarter.state_dict() if state.restarter else None,
         "data": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         "lineage": state.extra.get("lineage"),
@@ -670,7 +740,33 @@ def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
         state.restarter.load_state_dict(ckpt["restarter"])
     if loader is not None and ckpt.get("data") is not None and hasattr(loader, "load_state_dict"):
         loader.load_state_dict(ckpt["data"])
-    _set_rng_state(ckpt["rng"])
+    _set_rng_state(_own_rng_state(ckpt, state))
+
+
+def gather_rng_states(state: TrainState) -> None:
+    """Collect every rank's RNG state into ``state.extra`` for the checkpoint of this step.
+
+    Collective: every rank calls it at the same step. Ranks draw different noise (the seed is
+    offset by the rank), so a resume must give each rank its own state back.
+    """
+    own = _rng_state()
+    ranks = [own]
+    if state.world_size > 1:
+        ranks = [None] * state.world_size
+        dist.all_gather_object(ranks, own)
+    state.extra["rng_ranks"], state.extra["rng_ranks_step"] = ranks, state.step
+
+
+def _own_rng_state(ckpt: Dict[str, Any], state: TrainState) -> Dict[str, Any]:
+    """This rank's saved RNG state; a rank the checkpoint did not have (the run grew) gets a fresh
+    state derived from seed, rank and step, never another rank's."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks and state.rank < len(ranks):
+        return ranks[state.rank]
+    if state.rank == 0:
+        return ckpt["rng"]
+    seed_everything(int(np.random.SeedSequence([state.cfg.train.seed, state.rank, state.step]).generate_state(1)[0]))
+    return _rng_state()
 
 
 def adopt_best(state: TrainState) -> Optional[str]:
@@ -811,22 +907,37 @@ def log_spectrogram_image(audio: Tensor, n_fft: int = 1024) -> Tensor:
 
 
 class Averager:
-    """Running means of step scalars between log points."""
+    """Running means of step scalars between log points, skipping non-finite values.
+
+    Tensor values are summed on their device; :meth:`pop` reads them all back in one transfer,
+    so adding never synchronizes with the device. Python numbers are summed on the host.
+    """
 
     def __init__(self):
-        self.sums: Dict[str, float] = {}
-        self.counts: Dict[str, int] = {}
+        self.sums: Dict[str, Any] = {}
+        self.counts: Dict[str, Any] = {}
 
-    def add(self, values: Dict[str, float]) -> None:
+    def add(self, values: Dict[str, Any]) -> None:
         for k, v in values.items():
-            if math.isfinite(v):
+            if isinstance(v, Tensor):
+                v = v.detach().float()
+                finite = torch.isfinite(v)
+                self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v, 0.0)
+                self.counts[k] = self.counts.get(k, 0) + finite.float()
+            elif math.isfinite(v):
                 self.sums[k] = self.sums.get(k, 0.0) + v
                 self.counts[k] = self.counts.get(k, 0) + 1
 
     def pop(self) -> Dict[str, float]:
-        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        """Means since the last pop (keys that never had a finite value are left out)."""
+        on_device = [k for k in self.sums if isinstance(self.sums[k], Tensor)]
+        pairs = {k: (self.sums[k], self.counts[k]) for k in self.sums if k not in on_device}
+        if on_device:
+            stacked = torch.stack([torch.stack([self.sums[k], torch.as_tensor(self.counts[k]).to(self.sums[k])])
+                                   for k in on_device]).tolist()  # the one read-back per log step
+            pairs.update(zip(on_device, stacked))
         self.sums, self.counts = {}, {}
-        return means
+        return {k: s / c for k, (s, c) in pairs.items() if c}
 
 
 # --------------------------------------------------------------------------------------
@@ -836,11 +947,13 @@ class Averager:
 
 def _broadcast_max_abs_diff(module: nn.Module) -> float:
     """Largest parameter difference between this rank and rank 0 (0.0 when in sync)."""
-    diff = torch.zeros(())
+    # Every tensor handed to a collective lives on the parameters' device: NCCL has no CPU tensors.
+    device = next(module.parameters()).device
+    diff = torch.zeros((), device=device)
     for p in module.parameters():
         ref = p.detach().clone()
         dist.broadcast(ref, src=0)
-        diff = torch.maximum(diff, (ref - p.detach()).abs().max().cpu())
+        diff = torch.maximum(diff, (ref - p.detach()).abs().max())
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff)
 
@@ -1007,47 +1120,88 @@ def _loop(state: TrainState, loader, val_batches, logger: RunLogger) -> Dict[str
 
 
 def _steps(state: TrainState, loader, val_batches, logger: RunLogger, progress) -> Dict[str, Any]:
+    """Train to ``max_steps``. Host work between steps reads nothing from the device except at
+    log, evaluation and checkpoint steps (``_is_sync_step``)."""
     cfg = state.cfg
     t = cfg.train
-    segment_seconds = cfg.segment_length() / cfg.model.sampling_rate
     averager = Averager()
+    clock = _Clock(cfg.segment_length() / cfg.model.sampling_rate * state.world_size)
     last_val: Optional[float] = None
     if state.step == 0 and state.is_main:
         last_val = _run_eval(state, val_batches, logger, loader)  # the starting point of the curve
-    tick = time.perf_counter()
+    clock.restart()
     while state.step < t.max_steps:
         wait_start = time.perf_counter()
         batch = next(loader)
-        data_wait = time.perf_counter() - wait_start
-        metrics = train_step(state, batch)
-        now = time.perf_counter()
-        step_time, tick = now - tick, now
-        metrics["perf/data_wait_ms"] = 1000 * data_wait
-        metrics["perf/step_ms"] = 1000 * step_time
-        metrics["perf/audio_seconds_per_second"] = batch["audio"].shape[0] * state.world_size * segment_seconds / step_time
-        averager.add(metrics)
+        averager.add({"perf/data_wait_ms": 1000 * (time.perf_counter() - wait_start)})
+        averager.add(train_step(state, batch))
+        clock.count(batch["audio"].shape[0])
+        if state.is_main:
+            progress.update(1)
+        if not _is_sync_step(state):
+            continue
+        state.settle_skips()
         if state.nonfinite_consecutive >= t.max_nonfinite_steps:
             raise TrainingError(f"stopping: {state.nonfinite_consecutive} consecutive steps had non-finite "
                                 f"losses (step {state.step}); the last good checkpoint is {checkpoint_dir(cfg) / 'latest.pt'}")
-        if state.is_main:
-            progress.update(1)
-            progress.set_postfix(mel=f"{metrics.get('loss/mel', float('nan')):.3f}",
-                                 d=f"{metrics['loss/discriminator']:.3f}", refresh=False)
         if state.step % t.log_every == 0 or state.step == t.max_steps:
-            logger.scalars(state.step, averager.pop())
-        if state.step % t.eval_every == 0 or state.step == t.max_steps:
-            last_val = _run_eval(state, val_batches, logger, loader)
-        # No checkpoint while steps are being skipped: latest.pt stays the last good state.
-        if (state.step % t.checkpoint_every == 0 or state.step == t.max_steps) and not state.nonfinite_consecutive:
+            means = {**averager.pop(), **clock.pop()}
+            logger.scalars(state.step, means)
             if state.is_main:
-                save_checkpoint(state, loader)
-        tick = time.perf_counter()  # step time excludes evaluation and checkpoint writing
-    progress.close()
+                progress.set_postfix(mel=f"{means.get('loss/mel', float('nan')):.3f}",
+                                     d=f"{means.get('loss/discriminator', float('nan')):.3f}", refresh=False)
+        with clock.paused():  # step time excludes evaluation and checkpoint writing
+            if state.step % t.eval_every == 0 or state.step == t.max_steps:
+                last_val = _run_eval(state, val_batches, logger, loader)
+            # No checkpoint while steps are being skipped: latest.pt stays the last good state.
+            if (state.step % t.checkpoint_every == 0 or state.step == t.max_steps) and not state.nonfinite_consecutive:
+                gather_rng_states(state)  # collective: every rank, same step
+                if state.is_main:
+                    save_checkpoint(state, loader)
     summary: Dict[str, Any] = {"step": state.step, "val/mel": last_val, "best_mel": state.best_mel,
                                "skipped_steps": state.nonfinite_total}
     if state.is_main and t.export_on_end:
         summary["export_dir"] = str(export_snac(state.generator, cfg.model, Path(t.run_dir) / "export", overwrite=True))
     return summary
+
+
+def _is_sync_step(state: TrainState) -> bool:
+    """Steps at which the loop reads device values: logging, evaluation, checkpoints, the end."""
+    t = state.cfg.train
+    return any(state.step % every == 0 for every in (t.log_every, t.eval_every, t.checkpoint_every)) \
+        or state.step == t.max_steps
+
+
+class _Clock:
+    """Wall time per step over a log window, measured between reads of the device (the read at a
+    log step waits for the queued work, so the window's wall time is the device's)."""
+
+    def __init__(self, seconds_per_item: float):
+        self.seconds_per_item = seconds_per_item
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.excluded, self.steps, self.items = time.perf_counter(), 0.0, 0, 0
+
+    def count(self, batch_items: int) -> None:
+        self.steps += 1
+        self.items += batch_items
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+    def pop(self) -> Dict[str, float]:
+        """``perf/step_ms`` and ``perf/audio_seconds_per_second`` (all ranks) since the last pop."""
+        elapsed = max(time.perf_counter() - self.start - self.excluded, 1e-9)
+        out = {"perf/step_ms": 1000 * elapsed / max(self.steps, 1),
+               "perf/audio_seconds_per_second": self.items * self.seconds_per_item / elapsed}
+        self.restart()
+        return out
 
 
 def _progress_bar(state: TrainState):
