@@ -17,8 +17,9 @@ from training.audio import decode_audio
 from training.config import DATASET_CONFIGS, create_training_config
 from training.dataset import (
     AudioDataset, CombinedAudioDataset, DatasetError, EpochBatchSampler, InfiniteLoader,
-    StreamingAudioDataset, _cli, build_dataloaders, collate_audio, load_registry, read_manifest,
+    StreamingAudioDataset, build_dataloaders, collate_audio, load_registry, read_manifest,
 )
+from training.dataset.prepare import main as _cli
 
 RATE = 24000
 
