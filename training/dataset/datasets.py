@@ -86,7 +86,21 @@ class _FailureLog:
         return self.bad[index]
 
 
-class AudioDataset(Dataset):
+class _ReadsSegments:
+    """The rate and crop length a dataset's items have, both owned by its :class:`SegmentReader`."""
+
+    reader: SegmentReader
+
+    @property
+    def sample_rate(self) -> int:
+        return self.reader.sample_rate
+
+    @property
+    def segment_length(self) -> int:
+        return self.reader.segment_length
+
+
+class AudioDataset(_ReadsSegments, Dataset):
     """Map-style dataset of fixed-length crops (streaming sources give a
     :class:`StreamingAudioDataset` instead, see ``__new__``).
 
@@ -134,14 +148,6 @@ class AudioDataset(Dataset):
         self.max_item_retries = max_item_retries
         self.failures = _FailureLog(max_failure_fraction, records.description)
 
-    @property
-    def sample_rate(self) -> int:
-        return self.reader.sample_rate
-
-    @property
-    def segment_length(self) -> int:
-        return self.reader.segment_length
-
     def __len__(self) -> int:
         return len(self.records)
 
@@ -186,7 +192,7 @@ def _is_streaming_request(source: Any, kwargs: Mapping[str, Any]) -> bool:
     return isinstance(source, hf.IterableDataset)
 
 
-class StreamingAudioDataset(IterableDataset):
+class StreamingAudioDataset(_ReadsSegments, IterableDataset):
     """Iterable dataset of crops over a streamed source, with a shuffle buffer.
 
     Sharding: ``rank`` / ``world_size`` select a disjoint part (``split_dataset_by_node`` for
@@ -228,14 +234,6 @@ class StreamingAudioDataset(IterableDataset):
         self.audio_column = audio_column
         # Batches of this epoch the consumer already has (set by InfiniteLoader on resume).
         self.resume_batches, self.resume_batch_size = 0, 1
-
-    @property
-    def sample_rate(self) -> int:
-        return self.reader.sample_rate
-
-    @property
-    def segment_length(self) -> int:
-        return self.reader.segment_length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
