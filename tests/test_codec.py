@@ -269,11 +269,23 @@ def test_metrics_fields_and_24khz_bitrate(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_matches_fp32(tiny):
+    """bf16 autocast decoding on CUDA differs from CPU fp32 decoding of the same codes by rounding only.
+
+    Bound, derived from the effect: bf16 keeps 8 significant bits, a relative rounding error of at
+    most 2**-9 ~ 2e-3 per rounded value. The tiny decoder applies ~30 convolutions, each rounding
+    its inputs and weights; independent rounding errors add in quadrature, so the output's relative
+    RMS error is about sqrt(30) * 2 * 2e-3 ~ 2e-2. The bound 5e-2 leaves 2.5x headroom, while a
+    real fault (different decoder noise, codes searched in bf16, wrong trim, fp16 overflow) moves
+    the output by O(1) of its RMS. The output waveform itself must be float32.
+    """
     model, cfg = tiny
     x = _speechlike(3.0)
-    fp32 = Codec(model, cfg, device="cpu").roundtrip(x)
+    cpu = Codec(copy.deepcopy(model), cfg, device="cpu")
+    codes = cpu.encode(x)
+    fp32 = cpu.decode(codes, x.shape[-1])
     gpu = Codec(copy.deepcopy(model), cfg, device="cuda")
     assert gpu.autocast_dtype == torch.bfloat16
-    y = gpu.roundtrip(x)
-    assert y.shape == x.shape
-    assert float((y - fp32).abs().mean()) < 0.05
+    y = gpu.decode(codes, x.shape[-1])
+    assert y.shape == x.shape and y.dtype == torch.float32
+    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    assert rms(y - fp32) < 5e-2 * rms(fp32), (rms(y - fp32), rms(fp32))
