@@ -1,5 +1,6 @@
 """example_training.py: every offline example runs (tiny preset, a few CPU steps) and does what it says."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -48,8 +49,23 @@ def test_train_tiny(audio_dir, work):
     assert model.codebook_size == 256
 
 
-def test_resume(audio_dir, work):
+def _train_rows(run: Path) -> list:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/mel" in r]
+
+
+def test_resume(audio_dir, work, tmp_path):
+    """The resumed run ends where an uninterrupted 3-step run ends, and its second call trained one step."""
     assert ex.resume(audio_dir, work)["step"] == 3
+    # Evaluation draws decoder noise from the training RNG, so the straight run evaluates where the
+    # resumed one did (steps 0, 2 = end of the first call, and 3).
+    ex.train_main(ex.tiny_config(audio_dir, tmp_path, "straight", steps=3, **{"train.eval_every": 2}))
+    resumed = torch.load(work / "resume_run" / "checkpoints" / "latest.pt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "latest.pt", weights_only=True)
+    for part in ("generator", "discriminator"):
+        for name, value in straight[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part}.{name}"
+    # A run that ignored the checkpoint and started over would also end equal: the log tells them apart.
+    assert [r["step"] for r in _train_rows(work / "resume_run")] == [1, 2, 3]
 
 
 def test_finetune(audio_dir, work):
