@@ -16,6 +16,8 @@ from training.codec import (
 from training.config import Config, model_preset
 from training.model import build_generator, export_snac
 
+from diverse_model import distinct_codes, whiten_quantizer_inputs
+
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 SR = 24000
@@ -123,30 +125,6 @@ def test_batched_items_equal_single_items(codec):
     assert torch.allclose(dec_together[1], dec_alone[0], atol=1e-5)
 
 
-@torch.no_grad()
-def _whiten_quantizer_inputs(model: snac.SNAC, x: torch.Tensor) -> None:
-    """Make a random model code-diverse on ``x`` (1, 1, T): fold a whitening transform into each
-    quantizer's input projection, level by level on the actual residuals.
-
-    A randomly initialised encoder puts all latents of a signal in a narrow cone, so the cosine
-    nearest-code search picks a handful of codes and a small latent error rarely changes a code:
-    a chunking bug would go unseen. Centred, unit-covariance projections spread the latents over
-    the sphere, so many codes are used and a code changes when its latent is wrong.
-    """
-    residual = model.encoder(model.preprocess(x))
-    for vq in model.quantizer.quantizers:
-        pooled = torch.nn.functional.avg_pool1d(residual, vq.stride, vq.stride)
-        z_e = vq.in_proj(pooled)[0]  # (codebook_dim, frames)
-        mean = z_e.mean(1)
-        evals, evecs = torch.linalg.eigh(torch.cov(z_e.double()))
-        w = (evecs @ torch.diag(evals.rsqrt()) @ evecs.T).float()
-        weight = vq.in_proj.weight.detach()  # (codebook_dim, channels, 1), weight norm applied
-        vq.in_proj.weight = (w @ weight[:, :, 0])[:, :, None]  # weight norm's right inverse re-splits it
-        vq.in_proj.bias.copy_(w @ (vq.in_proj.bias - mean))
-        z_q, _ = vq(residual)
-        residual = residual - z_q
-
-
 @pytest.mark.slow
 def test_chunked_matches_one_shot_on_60s():
     """Chunked encoding gives snac.SNAC.encode's one-shot codes on 60 s; chunked decoding agrees
@@ -159,10 +137,10 @@ def test_chunked_matches_one_shot_on_60s():
     cfg = model_preset("tiny")
     model = build_generator(cfg).eval()
     x = _speechlike(60.0, seed=3)
-    _whiten_quantizer_inputs(model, x)
+    whiten_quantizer_inputs(model, x)
     with torch.no_grad():
         reference = snac.SNAC.encode(copy.deepcopy(model), x)  # one shot, the snac package's own code
-    distinct = [len(torch.unique(c)) for c in reference]
+    distinct = distinct_codes(reference)
     assert min(distinct) >= cfg.codebook_size // 2, distinct
 
     chunked = Codec(model, cfg, device="cpu", chunk_seconds=1.0, batch_size=4)
