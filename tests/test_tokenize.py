@@ -278,8 +278,10 @@ def test_sigkill_mid_run_then_resume_is_exactly_once(diverse_model, mixed_dir, t
     proc = subprocess.Popen([sys.executable, "-m", "training.tokenize", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (list(out.glob("tokens-*.jsonl.gz")) and _failed(out)) and time.monotonic() < deadline \
-            and proc.poll() is None:
+    def progressed() -> bool:  # a complete shard and a logged failure (file size: no half-line reads)
+        return bool(list(out.glob("tokens-*.jsonl.gz"))) and any(p.stat().st_size for p in out.glob("failed*.jsonl"))
+
+    while not progressed() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
