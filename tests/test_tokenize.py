@@ -303,6 +303,7 @@ def test_sigkill_mid_run_then_resume_is_exactly_once(diverse_model, mixed_dir, t
     assert all(len(torch.unique(c)) >= min(64, c.numel() // 3) for c in codes)  # many codes in use
 
 
+@pytest.mark.slow
 def test_long_clip_windowed_tokens_equal_snac_encode(diverse_model, long_dir, tmp_path):
     """A 31 s clip is encoded in overlapping windows (with a short clip in the same run); its
     tokens equal snac.SNAC.encode on the whole clip."""
