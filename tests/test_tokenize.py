@@ -300,7 +300,8 @@ def test_sigkill_mid_run_then_resume_is_exactly_once(diverse_model, mixed_dir, t
     assert sorted(f["name"] for f in failed) == ["a_broken", "b_empty", "z_truncated"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # interrupted writes cleaned up
     codes = _assert_tokens_are_snac_encode(rows, {f"mixed/{i}": f for i, f in enumerate(files)}, diverse_model)
-    assert all(len(torch.unique(c)) >= min(64, c.numel() // 3) for c in codes)  # many codes in use
+    # The clips' quiet starts use 21 / 30 / 47 codes per level (a plain random tiny model: 2 to 6).
+    assert all(len(torch.unique(c)) >= 16 for c in codes)
 
 
 @pytest.mark.slow
