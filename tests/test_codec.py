@@ -16,6 +16,8 @@ from training.codec import (
 from training.config import Config, model_preset
 from training.model import build_generator, export_snac
 
+from diverse_model import distinct_codes, whiten_quantizer_inputs
+
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 SR = 24000
@@ -124,18 +126,33 @@ def test_batched_items_equal_single_items(codec):
 
 
 @pytest.mark.slow
-def test_chunked_matches_one_shot_on_60s(tiny):
-    """Stated tolerance: codes identical everywhere, audio max |diff| < 1e-4 (float32 rounding)."""
-    model, cfg = tiny
+def test_chunked_matches_one_shot_on_60s():
+    """Chunked encoding gives snac.SNAC.encode's one-shot codes on 60 s; chunked decoding agrees
+    with one-shot decoding to float32 rounding (max |diff| < 1e-4).
+
+    The model is code-diverse on this signal (checked below), so a window whose context is shorter
+    than the encoder's reach changes codes near the window seams and fails the comparison.
+    """
+    torch.manual_seed(1234)
+    cfg = model_preset("tiny")
+    model = build_generator(cfg).eval()
     x = _speechlike(60.0, seed=3)
+    whiten_quantizer_inputs(model, x)
+    with torch.no_grad():
+        reference = snac.SNAC.encode(copy.deepcopy(model), x)  # one shot, the snac package's own code
+    distinct = distinct_codes(reference)
+    assert min(distinct) >= cfg.codebook_size // 2, distinct
+
+    chunked = Codec(model, cfg, device="cpu", chunk_seconds=1.0, batch_size=4)
+    assert chunked.chunk * 50 < x.shape[-1]  # really chunked: 59 windows, 58 seams
+    codes_chunked = chunked.encode(x)
+    for level, (a, b) in enumerate(zip(reference, codes_chunked)):
+        assert a.shape == b.shape
+        assert torch.equal(a, b), f"level {level}: {int((a != b).sum())} of {a.numel()} codes differ"
+
     one_shot = Codec(model, cfg, device="cpu", chunk_seconds=120.0)
-    chunked = Codec(model, cfg, device="cpu", chunk_seconds=7.0, batch_size=4)
-    assert chunked.chunk < x.shape[-1] // 8  # really chunked: 9 windows
-    codes_one, codes_chunked = one_shot.encode(x), chunked.encode(x)
-    for a, b in zip(codes_one, codes_chunked):
-        assert torch.equal(a, b)
-    audio_one = one_shot.decode(codes_one, x.shape[-1])
-    audio_chunked = chunked.decode(codes_one, x.shape[-1])
+    audio_one = one_shot.decode(reference, x.shape[-1])
+    audio_chunked = chunked.decode(reference, x.shape[-1])
     assert audio_chunked.shape == x.shape
     assert float((audio_one - audio_chunked).abs().max()) < 1e-4
 
@@ -230,11 +247,23 @@ def test_metrics_fields_and_24khz_bitrate(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_matches_fp32(tiny):
+    """bf16 autocast decoding on CUDA differs from CPU fp32 decoding of the same codes by rounding only.
+
+    Bound, derived from the effect: bf16 keeps 8 significant bits, a relative rounding error of at
+    most 2**-9 ~ 2e-3 per rounded value. The tiny decoder applies ~30 convolutions, each rounding
+    its inputs and weights; independent rounding errors add in quadrature, so the output's relative
+    RMS error is about sqrt(30) * 2 * 2e-3 ~ 2e-2. The bound 5e-2 leaves 2.5x headroom, while a
+    real fault (different decoder noise, codes searched in bf16, wrong trim, fp16 overflow) moves
+    the output by O(1) of its RMS. The output waveform itself must be float32.
+    """
     model, cfg = tiny
     x = _speechlike(3.0)
-    fp32 = Codec(model, cfg, device="cpu").roundtrip(x)
+    cpu = Codec(copy.deepcopy(model), cfg, device="cpu")
+    codes = cpu.encode(x)
+    fp32 = cpu.decode(codes, x.shape[-1])
     gpu = Codec(copy.deepcopy(model), cfg, device="cuda")
     assert gpu.autocast_dtype == torch.bfloat16
-    y = gpu.roundtrip(x)
-    assert y.shape == x.shape
-    assert float((y - fp32).abs().mean()) < 0.05
+    y = gpu.decode(codes, x.shape[-1])
+    assert y.shape == x.shape and y.dtype == torch.float32
+    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    assert rms(y - fp32) < 5e-2 * rms(fp32), (rms(y - fp32), rms(fp32))

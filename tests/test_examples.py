@@ -1,5 +1,6 @@
 """example_training.py: every offline example runs (tiny preset, a few CPU steps) and does what it says."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,9 +34,12 @@ def test_every_example_is_listed_and_documented(capsys):
 
 
 def test_configs(audio_dir, work):
+    from training.config import load_config
+
     cfg = ex.configs(audio_dir, work)
     assert cfg.data.batch_size == 8 and cfg.optim.lr == 3e-4 and cfg.train.max_steps == 20000
-    assert (work / "my_config.yaml").is_file()
+    assert cfg.loss.stft == 0.0 and cfg.data.dataset_path == "/data/wavs" and cfg.model.hop_length == 512
+    assert load_config(work / "my_config.yaml").to_dict() == cfg.to_dict()  # the file holds every setting
 
 
 def test_train_tiny(audio_dir, work):
@@ -48,19 +52,53 @@ def test_train_tiny(audio_dir, work):
     assert model.codebook_size == 256
 
 
-def test_resume(audio_dir, work):
+def _train_rows(run: Path) -> list:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/mel" in r]
+
+
+def test_resume(audio_dir, work, tmp_path):
+    """The resumed run ends where an uninterrupted 3-step run ends, and its second call trained one step."""
     assert ex.resume(audio_dir, work)["step"] == 3
+    # Evaluation draws decoder noise from the training RNG, so the straight run evaluates where the
+    # resumed one did (steps 0, 2 = end of the first call, and 3).
+    ex.train_main(ex.tiny_config(audio_dir, tmp_path, "straight", steps=3, **{"train.eval_every": 2}))
+    resumed = torch.load(work / "resume_run" / "checkpoints" / "latest.pt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "latest.pt", weights_only=True)
+    for part in ("generator", "discriminator"):
+        for name, value in straight[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part}.{name}"
+    # A run that ignored the checkpoint and started over would also end equal: the log tells them apart.
+    assert [r["step"] for r in _train_rows(work / "resume_run")] == [1, 2, 3]
 
 
 def test_finetune(audio_dir, work):
     summary = ex.finetune(audio_dir, work)
-    assert summary["step"] == 2 and Path(summary["export_dir"], "config.json").is_file()
+    assert summary["step"] == 2
+    # Started from the exported model, encoder frozen: encoder weights are the pretrained ones, the
+    # decoder moved.
+    pretrained = snac.SNAC.from_pretrained(str(work / "tiny_run" / "export")).state_dict()
+    tuned = snac.SNAC.from_pretrained(summary["export_dir"]).state_dict()
+    encoder = [k for k in pretrained if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(tuned[k], pretrained[k]) for k in encoder)
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in pretrained if k.startswith("decoder."))
 
 
 def test_codec(audio_dir, work):
+    from training.audio import decode_audio
+    from training.codec import load_codes
+
     decoded = ex.codec(audio_dir, work)
     assert decoded.shape == (1, 1, 24000) and torch.isfinite(decoded).all()
-    assert (work / "codes.npz").is_file()
+    # The saved codes are the snac package's own codes of the first clip, at the model rate.
+    model = snac.SNAC.from_pretrained(str(work / "tiny_run" / "export")).eval()
+    first = sorted(Path(ex.audio_source(audio_dir, work)).rglob("*.wav"))[0]
+    audio, _ = decode_audio(first, 24000)
+    with torch.inference_mode():
+        reference = model.encode(audio[None])
+    saved = load_codes(work / "codes.npz")
+    assert saved.length == audio.shape[-1]
+    for ours, theirs in zip(saved.codes, reference):
+        assert torch.equal(ours, theirs[0])
 
 
 def test_losses(audio_dir, work):

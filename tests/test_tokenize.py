@@ -84,6 +84,50 @@ def manifest(plain_dir, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def mixed_dir(lj_short, plain_dir, tmp_path_factory) -> Path:
+    """Short LJ clips with unreadable files first and last (sorted names): a run killed after
+    its first shard has failures behind it and ahead of it."""
+    root = tmp_path_factory.mktemp("mixed") / "mixed"
+    root.mkdir()
+    shutil.copy(plain_dir / "broken.wav", root / "a_broken.wav")
+    shutil.copy(plain_dir / "empty.flac", root / "b_empty.flac")
+    for f in sorted((lj_short / "wavs").iterdir()):
+        shutil.copy(f, root / f"c_{f.name}")
+    shutil.copy(plain_dir / "truncated.wav", root / "z_truncated.wav")
+    return root
+
+
+@pytest.fixture(scope="module")
+def long_dir(ljspeech_dir, tmp_path_factory) -> Path:
+    """One 31 s clip of real speech (LJ clips joined; 4 encoder windows of the default 10 s) and
+    one short clip."""
+    root = tmp_path_factory.mktemp("long") / "long"
+    root.mkdir()
+    pieces, rate = [], None
+    for f in sorted((ljspeech_dir / "wavs").glob("*.flac")):
+        data, rate = sf.read(f, dtype="float32")
+        pieces.append(data)
+        if sum(len(p) for p in pieces) > 31 * rate:
+            break
+    sf.write(root / "long.flac", np.concatenate(pieces)[: 31 * rate], rate)
+    sf.write(root / "short.flac", pieces[0][: rate // 2], rate)
+    return root
+
+
+@pytest.fixture(scope="module")
+def diverse_model(long_dir, tmp_path_factory) -> Path:
+    """The tiny preset made code-diverse on the long clip (see tests/diverse_model.py), exported."""
+    from diverse_model import whiten_quantizer_inputs
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny")
+    model = build_generator(cfg).eval()
+    audio, _ = decode_audio(long_dir / "long.flac", 24000)
+    whiten_quantizer_inputs(model, audio[None])
+    return export_snac(model, cfg, tmp_path_factory.mktemp("diverse") / "snac_tiny_diverse")
+
+
 def _lj_texts(lj: Path) -> dict:
     return {line.split("|")[0]: line.rstrip("\n").split("|")[1] for line in open(lj / "metadata.csv", encoding="utf-8")}
 
@@ -113,6 +157,24 @@ def _lines(out: Path) -> list:
 
 def _failed(out: Path) -> list:
     return [json.loads(line) for log in sorted(out.glob("failed*.jsonl")) for line in log.read_text().splitlines()]
+
+
+def _assert_tokens_are_snac_encode(rows: list, paths: dict, model_dir: Path) -> list:
+    """Every row's codes equal the reference snac package encoding its clip alone (CPU fp32).
+    ``paths``: row id -> audio file. Returns the reference codes of all rows, level by level."""
+    import snac
+
+    model = snac.SNAC.from_pretrained(str(model_dir)).eval()
+    per_level = [[], [], []]
+    with torch.inference_mode():
+        for row in rows:
+            audio, _ = decode_audio(paths[row["id"]], 24000)
+            ref = [c[0] for c in model.encode(audio[None])]
+            assert row["token_lengths"] == [len(c) for c in ref], row["id"]
+            assert [row[f"snac_layer_{i}"] for i in (1, 2, 3)] == [c.tolist() for c in ref], row["id"]
+            for level, c in enumerate(ref):
+                per_level[level].append(c)
+    return [torch.cat(c) for c in per_level]
 
 
 def _common(model: Path, out: Path) -> list:
@@ -206,30 +268,55 @@ def test_yaml_run_shards_text_constants_tokens_and_save(tiny_model, lj_short, pl
            {k: v for k, v in before.items() if k.startswith("tokens-")}
 
 
-def test_sigkill_mid_run_then_resume_is_exactly_once(tiny_model, lj_short, plain_dir, tmp_path):
+def test_sigkill_mid_run_then_resume_is_exactly_once(diverse_model, mixed_dir, tmp_path):
+    """Killed after its first shard, with failures logged behind it and one still ahead: the
+    resumed run writes every input exactly once (line or failure) and the tokens equal snac's."""
     out = tmp_path / "shards"
-    args = [*_common(tiny_model, out), "--dataset", str(lj_short), "--dataset", str(plain_dir),
+    args = [*_common(diverse_model, out), "--dataset", str(mixed_dir),
             "--lines_per_file", "3", "--batch_size", "2", "--bucket_clips", "2", "--num_readers", "1", "--qsize", "4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "training.tokenize", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(out.glob("tokens-*.jsonl.gz")) and time.monotonic() < deadline and proc.poll() is None:
+    def progressed() -> bool:  # a complete shard and a logged failure (file size: no half-line reads)
+        return bool(list(out.glob("tokens-*.jsonl.gz"))) and any(p.stat().st_size for p in out.glob("failed*.jsonl"))
+
+    while not progressed() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    total = _inputs(lj_short, plain_dir)
+    files = sorted(p for p in mixed_dir.iterdir())
     assert proc.returncode == -signal.SIGKILL
+    failed_at_kill = {f["name"] for f in _failed(out)}
+    assert failed_at_kill and "z_truncated" not in failed_at_kill, "failures must lie before and after the kill"
     at_kill = len(_lines(out)) + len(_failed(out))
-    assert 0 < at_kill < total, "the kill must land mid-run for this test to mean anything"
+    assert 0 < at_kill < len(files), "the kill must land mid-run for this test to mean anything"
 
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
     rows, failed = _lines(out), _failed(out)
     ids = [x["id"] for x in rows] + [f["id"] for f in failed]
-    assert len(ids) == len(set(ids)) == total  # no duplicate, none missing
-    assert {Path(f["name"]).name for f in failed} == {Path(n).stem for n in CORRUPT}
+    assert len(ids) == len(set(ids)) == len(files)  # no duplicate, none missing
+    assert sorted(f["name"] for f in failed) == ["a_broken", "b_empty", "z_truncated"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # interrupted writes cleaned up
+    codes = _assert_tokens_are_snac_encode(rows, {f"mixed/{i}": f for i, f in enumerate(files)}, diverse_model)
+    # The clips' quiet starts use 21 / 30 / 47 codes per level (a plain random tiny model: 2 to 6).
+    assert all(len(torch.unique(c)) >= 16 for c in codes)
+
+
+@pytest.mark.slow
+def test_long_clip_windowed_tokens_equal_snac_encode(diverse_model, long_dir, tmp_path):
+    """A 31 s clip is encoded in overlapping windows (with a short clip in the same run); its
+    tokens equal snac.SNAC.encode on the whole clip."""
+    out = tmp_path / "shards"
+    r = _cli(*_common(diverse_model, out), "--dataset", str(long_dir), "--num_readers", "1", "--batch_size", "2")
+    assert r.returncode == 0, r.stderr
+    rows = _lines(out)
+    assert sorted(row["name"] for row in rows) == ["long", "short"] and not _failed(out)
+    assert max(row["duration"] for row in rows) > 30  # longer than three 10 s windows
+    files = sorted(long_dir.iterdir())
+    codes = _assert_tokens_are_snac_encode(rows, {f"long/{i}": f for i, f in enumerate(files)}, diverse_model)
+    assert min(len(torch.unique(c)) for c in codes) >= 128  # code-diverse: a wrong window shows
 
 
 def test_num_shards_two_invocations_cover_the_input_once(tiny_model, plain_dir, manifest, tmp_path):

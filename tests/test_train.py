@@ -105,18 +105,48 @@ def test_no_resume_keeps_previous_checkpoints(tmp_path, ljspeech_dir):
 
 
 def test_two_process_gloo_ranks_stay_identical(tmp_path, ljspeech_dir):
+    """Two real gloo ranks, dead codes restarted at every step (the hard case for codebook sync):
+    each rank saves its own final state and the test compares them tensor by tensor."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    probe = tmp_path / "probe"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "4",
+           str(ROOT / "tests" / "ddp_rank_probe.py"), str(probe),
+           *FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "4",
            "--run_dir", str(tmp_path / "ddp"), "--device", "cpu",
            "--set", "train.dead_code_steps=1"]  # restart dead codes at every step: the hard case
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    violations = "".join(p.read_text() for p in probe.glob("device_violations_*.txt"))
+    assert not violations, violations  # every collective got tensors on the training device
     assert r.returncode == 0, r.stderr[-3000:]
-    line = next(l for l in r.stderr.splitlines() if l.startswith('{"ddp/'))
-    report = json.loads(line)
-    assert report == {"ddp/params_max_abs_diff": 0.0, "ddp/disc_params_max_abs_diff": 0.0}
+    ranks = [torch.load(probe / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 4
+    for part in ("generator", "discriminator"):
+        a, b = ranks[0][part], ranks[1][part]
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{part}.{name} differs between ranks"
+    assert any("codebook" in name for name in ranks[0]["generator"])  # codebooks are among the compared
+    for calls in (snap["collective_calls"] for snap in ranks):
+        assert calls.get("all_reduce", 0) > 0 and calls.get("broadcast", 0) > 0, calls  # the check saw traffic
     rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r.get("codebook/restarted_level0", 0) for r in rows) > 0  # restarts really happened
+    assert sum(row.get("codebook/restarted_level0", 0) for row in rows) > 0  # restarts really happened
+    # The run's own consistency report agrees with what the test measured.
+    report = json.loads(next(l for l in r.stderr.splitlines() if l.startswith('{"ddp/')))
+    assert report and all(v == 0.0 for v in report.values()), report
+
+
+def test_rank_probe_flags_a_tensor_off_the_training_device(tmp_path):
+    """The probe's device check itself can fail: a CPU tensor on a CUDA run, or a wrong barrier GPU."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ddp_rank_probe import _check_call
+
+    log = tmp_path / "violations.txt"
+    _check_call("all_reduce", (torch.zeros(2),), {}, torch.device("cpu"), log)
+    with pytest.raises(AssertionError, match="all_reduce: tensor"):
+        _check_call("all_reduce", (torch.zeros(2),), {}, torch.device("cuda", 0), log)
+    with pytest.raises(AssertionError, match="device_ids"):
+        _check_call("barrier", (), {"device_ids": [1]}, torch.device("cuda", 0), log)
+    assert len(log.read_text().splitlines()) == 2
 
 
 def _tiny_cfg(tmp_path, **overrides):

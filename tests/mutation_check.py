@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Mutation check: break each core claim in a temporary copy of the repository and make sure the
+test that names it fails.
+
+    python tests/mutation_check.py            # baseline + all mutants (~5 min on 2 CPU cores)
+    python tests/mutation_check.py --list
+    python tests/mutation_check.py --only ddp_desync --skip-baseline
+
+For every mutant: copy the working tree (tracked and untracked, not ignored files) to a temporary
+folder, rewrite the product source there, run the named test with pytest, and require that it
+*fails* (pytest exit code 1: a test failed, not a collection or syntax error). The baseline run
+first checks that each named test passes on the unmodified copy, so a test that is simply broken
+does not count as catching anything. Exit code 0 when every mutant is caught, 1 otherwise.
+
+Mutants are regular-expression rewrites searched for in every ``training/**/*.py`` file, so they
+survive code moving between modules; a rewrite that no longer matches anything is reported as
+"not applicable" (and fails the check) rather than silently skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    pattern: str  # regular expression (re.MULTILINE)
+    replacement: str
+    min_count: int = 1  # matches required over all product files; 0 = optional
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    claim: str
+    test: str  # pytest node id, relative to the repository root
+    rewrites: Tuple[Rewrite, ...]
+
+
+MUTANTS: Tuple[Mutant, ...] = (
+    Mutant("encoder_context_halved",
+           "chunked encoding sees the encoder's whole receptive field: codes equal snac.SNAC.encode on 60 s",
+           "tests/test_codec.py::test_chunked_matches_one_shot_on_60s",
+           (Rewrite(r"plan_windows\((\w+), self\.chunk, self\.context\)", r"plan_windows(\1, self.chunk, self.context // 2)"),)),
+    Mutant("ddp_desync",
+           "DDP ranks keep identical weights and codebooks (dead-code restart broadcasts the new codes)",
+           "tests/test_train.py::test_two_process_gloo_ranks_stay_identical",
+           (Rewrite(r"dist\.broadcast\(new, src=0\)", "pass"),
+            # and the run's own consistency report compares each rank with itself
+            Rewrite(r"dist\.broadcast\(ref, src=0\)", "pass", min_count=0))),
+    Mutant("spectral_loss_autocast",
+           "spectral losses run in float32 inside a bf16 autocast region",
+           "tests/test_losses.py::test_spectral_losses_are_fp32_under_bf16_autocast",
+           (Rewrite(r"with _no_autocast\(\w+\):", 'with __import__("contextlib").nullcontext():', min_count=2),)),
+    Mutant("never_resume",
+           "rerunning a training command resumes from checkpoints/latest.pt",
+           "tests/test_examples.py::test_resume",
+           (Rewrite(r"^(\s*)resuming = _agree_on_resume\(.*\)$", r"\1resuming = False"),)),
+    Mutant("tokenizer_forgets_failures",
+           "a resumed tokenizer run treats logged failures as done (exactly once)",
+           "tests/test_tokenize.py::test_sigkill_mid_run_then_resume_is_exactly_once",
+           (Rewrite(r"for (\w+) in self\.out_dir\.glob\(\"failed\*\.jsonl\"\):", r"for \1 in []:"),)),
+)
+
+
+def say(line: str) -> None:
+    """Print a progress line at once, also when the output goes to a file (the check takes minutes)."""
+    print(line, flush=True)
+
+
+def copy_tree(dest: Path) -> None:
+    """Copy the working tree's tracked and untracked-but-not-ignored files to ``dest``."""
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listing):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def apply(mutant: Mutant, tree: Path) -> Optional[str]:
+    """Rewrite the product sources in ``tree``; returns a problem description or None."""
+    files = sorted((tree / "training").rglob("*.py"))
+    for rw in mutant.rewrites:
+        count = 0
+        for f in files:
+            text = f.read_text()
+            new, n = re.subn(rw.pattern, rw.replacement, text, flags=re.MULTILINE)
+            if n:
+                f.write_text(new)
+                count += n
+        if count < rw.min_count:
+            return f"not applicable: /{rw.pattern}/ matched {count} time(s), expected at least {rw.min_count}"
+    return None
+
+
+def run_test(tree: Path, test: str) -> Tuple[int, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test], cwd=tree,
+                          env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+
+
+def summary_line(output: str) -> str:
+    lines = [l for l in output.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def check(mutant: Optional[Mutant], test: str) -> bool:
+    """Baseline (mutant None): the test must pass. Mutant: the test must fail (exit code 1)."""
+    with tempfile.TemporaryDirectory(prefix="snac_mutation_") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        if mutant is not None:
+            problem = apply(mutant, tree)
+            if problem:
+                say(f"  {mutant.name}: {problem}")
+                return False
+        rc, out, seconds = run_test(tree, test)
+    if mutant is None:
+        ok = rc == 0
+        say(f"  baseline {test}: {'passes' if ok else 'DOES NOT PASS'} ({seconds:.0f} s) - {summary_line(out)}")
+    else:
+        ok = rc == 1
+        verdict = "caught" if ok else ("NOT CAUGHT" if rc == 0 else f"inconclusive (pytest exit {rc})")
+        say(f"  {mutant.name}: {verdict} by {test} ({seconds:.0f} s) - {summary_line(out)}")
+    if not ok:
+        say("\n".join(out.strip().splitlines()[-15:]))
+    return ok
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
+    p.add_argument("--skip-baseline", action="store_true", help="do not first check that the named tests pass")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            say(f"{m.name:28s} {m.test}\n{'':28s} claim: {m.claim}")
+        return 0
+    chosen: List[Mutant] = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"error: unknown mutant(s) {sorted(unknown)}; see --list", file=sys.stderr)
+        return 2
+    results = []
+    if not args.skip_baseline:
+        say("baseline (unmodified copy; each named test must pass):")
+        results += [check(None, m.test) for m in chosen]
+    say("mutants (each named test must fail):")
+    results += [check(m, m.test) for m in chosen]
+    say(f"{'all mutants caught' if all(results) else 'MUTATION CHECK FAILED'}: "
+          f"{sum(results)}/{len(results)} checks ok")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
