@@ -211,6 +211,26 @@ def test_repeated_nonfinite_steps_stop_cleanly(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
 
 
+def test_evaluation_leaves_the_training_random_stream_alone(tmp_path, ljspeech_dir):
+    """Evaluating (which runs the decoder's noise blocks) neither consumes the training RNG nor
+    depends on it: a run's steps are the same whenever evaluation happens."""
+    from training.audio import load_audio
+
+    cfg = _tiny_cfg(tmp_path)
+    clip = load_audio(ljspeech_dir / "wavs" / "LJ001-0002.flac", 24000)[:, :8192]
+    state = build_state(cfg, torch.device("cpu"))
+    torch.manual_seed(123)
+    first = evaluate(state, [{"audio": clip.unsqueeze(0)}])
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    assert torch.equal(after, expected)  # the training stream did not move
+    torch.manual_seed(999)
+    second = evaluate(state, [{"audio": clip.unsqueeze(0)}])
+    assert first["val/mel"] == second["val/mel"]  # and evaluation does not depend on it
+    assert torch.equal(first["samples"][1], second["samples"][1])
+
+
 def test_overfitting_one_real_clip_lowers_mel_distance(tmp_path, ljspeech_dir):
     from training.audio import load_audio
 

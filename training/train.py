@@ -397,6 +397,17 @@ def evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_ba
 
     Returns scalars under ``val/...`` plus ``samples``: the first batch's (real, fake) audio.
     """
+    # The decoder's noise blocks draw random numbers. Evaluating on a private, fixed-seed stream
+    # keeps the training stream (and so a resumed run) independent of when and how often
+    # evaluation runs, and makes successive evaluations comparable.
+    devices = [state.device] if state.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(state.cfg.train.seed)
+        return _evaluate(state, val_batches, max_batches)
+
+
+@torch.no_grad()
+def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_batches: Optional[int]) -> Dict[str, Any]:
     gen = state.generator
     was_training = gen.training
     gen.eval()
