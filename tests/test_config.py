@@ -117,9 +117,9 @@ def test_bad_file_is_one_line_error(tmp_path):
 
 
 def test_overrides_parse_values():
-    cfg = apply_overrides(Config(), ["optim.lr=3e-4", "optim.grad_clip=null", "model.vq_strides=[8,4,2,1]",
+    cfg = apply_overrides(Config(), ["optim.lr=3e-4", "optim.grad_clip_generator=null", "model.vq_strides=[8,4,2,1]",
                                      "train.run_dir=runs/x", "data.streaming=true"])
-    assert cfg.optim.lr == 3e-4 and cfg.optim.grad_clip is None and cfg.model.vq_strides == (8, 4, 2, 1)
+    assert cfg.optim.lr == 3e-4 and cfg.optim.grad_clip_generator is None and cfg.model.vq_strides == (8, 4, 2, 1)
     assert cfg.train.run_dir == "runs/x" and cfg.data.streaming is True
     with pytest.raises(ConfigError, match="form section.key=value"):
         apply_overrides(Config(), ["optim.lr"])

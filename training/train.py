@@ -204,7 +204,7 @@ def build_state(cfg: Config, device: torch.device, rank: int = 0, world_size: in
         disc_step = DDP(disc_step, device_ids=ids)
     if cfg.train.compile:
         gen_step, disc_step = torch.compile(gen_step), torch.compile(disc_step)
-    restarter = DeadCodeRestarter(generator, cfg.train.dead_code_steps, seed=cfg.train.seed) \
+    restarter = DeadCodeRestarter(generator, cfg.train.dead_code_steps, cfg.train.dead_code_every, seed=cfg.train.seed) \
         if cfg.train.dead_code_steps > 0 and not cfg.train.freeze_quantizer else None
     return TrainState(cfg=cfg, device=device, generator=generator, discriminator=discriminator,
                       gen_step=gen_step, disc_step=disc_step, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
@@ -244,11 +244,11 @@ def _all_finite(state: TrainState, *values: Tensor) -> bool:
     return bool(ok.item())
 
 
-def _update(state: TrainState, loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[Tensor]) -> Tuple[bool, Tensor]:
-    """Backward + (optional clip) + step, unless the loss or the gradient norm is non-finite."""
+def _update(state: TrainState, loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[Tensor],
+            clip: Optional[float]) -> Tuple[bool, Tensor]:
+    """Backward + (clip to ``clip`` when set) + step, unless the loss or the gradient norm is non-finite."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    clip = state.cfg.optim.grad_clip
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
     if not _all_finite(state, loss, norm):
@@ -276,7 +276,8 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, float]:
     with state.autocast:
         d_real, d_fake = _split(state.disc_step(torch.cat([real, fake.detach()])), n)
     d_loss = discriminator_loss(d_real, d_fake)
-    d_ok, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()))
+    d_ok, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()),
+                           cfg.optim.grad_clip_discriminator)
 
     # Generator step against the just-updated discriminator; before adversarial_start_step only
     # reconstruction + VQ losses drive the generator (the discriminator keeps learning above).
@@ -291,7 +292,7 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, float]:
     # Always run the backward (DDP expects one per forward); each network skips its own update
     # when its loss or gradient norm is non-finite on any rank.
     gen_params = [p for p in state.generator.parameters() if p.requires_grad]
-    g_ok, g_norm = _update(state, total, state.opt_g, state.sched_g, gen_params)
+    g_ok, g_norm = _update(state, total, state.opt_g, state.sched_g, gen_params, cfg.optim.grad_clip_generator)
     state.step += 1
 
     metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
