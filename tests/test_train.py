@@ -109,7 +109,7 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path, ljspeech_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "4",
            "--run_dir", str(tmp_path / "ddp"), "--device", "cpu",
-           "--set", "train.dead_code_steps=1"]  # restart dead codes at every step: the hard case
+           "--set", "train.dead_code_steps=1", "--set", "train.dead_code_every=1"]  # restart at every step: the hard case
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(l for l in r.stderr.splitlines() if l.startswith('{"ddp/'))

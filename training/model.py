@@ -156,8 +156,9 @@ class DeadCodeRestarter:
     """Re-seed codebook entries that no rank has used for ``threshold`` steps.
 
     Every step, on the codebook's device and without any host synchronisation, it records when
-    each code was last used (this rank's batch) and keeps the newest encoder outputs ``z_e`` of
-    each level in a ring buffer of ``codebook_size`` rows. Every ``every`` steps it checks:
+    each code was last used (this rank's batch) and keeps the encoder outputs ``z_e`` of each
+    level seen since the last check (the newest ``codebook_size`` rows). Every ``every`` steps it
+    checks:
 
     1. ``last_used`` is MAX-reduced over ranks, so a code is dead only if no rank used it;
     2. the candidate buffers of all ranks are gathered (``all_gather`` on the device);
@@ -196,7 +197,12 @@ class DeadCodeRestarter:
             self._observe(level, step, codes[level], latents[level])
         if step % self.every:
             return [0] * len(self.last_used)
-        return [self._restart_level(level, step) for level in range(len(self.last_used))]
+        counts = [self._restart_level(level, step) for level in range(len(self.last_used))]
+        # Candidates are only the latents seen since this check: the encoder drifts, and a code
+        # seeded from a stale latent lands where no current latent is and dies again.
+        self.filled = [0] * len(self.filled)
+        self.write_pos = [0] * len(self.write_pos)
+        return counts
 
     def _observe(self, level: int, step: int, codes: Tensor, z_e: Tensor) -> None:
         """Device-only bookkeeping: no ``.item()``, no collective."""
