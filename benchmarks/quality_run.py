@@ -54,6 +54,12 @@ ARMS: Dict[str, List[str]] = {
 }
 
 
+def fail(message: str) -> None:
+    """Bad input or a failed arm: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 # --------------------------------------------------------------------------------------
 # Data split
 # --------------------------------------------------------------------------------------
@@ -63,7 +69,7 @@ def split_data(data: Path, out: Path, heldout: int) -> Dict[str, List[Path]]:
     """Link the files of ``data`` into ``out/train`` and ``out/validation`` (the last ``heldout``)."""
     files = sorted(p for p in data.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     if len(files) < heldout + 2:
-        raise SystemExit(f"error: {data} has {len(files)} audio files; need at least {heldout + 2}")
+        fail(f"{data} has {len(files)} audio files; need at least {heldout + 2}")
     parts = {"train": files[:-heldout], "validation": files[-heldout:]}
     for split, chosen in parts.items():
         folder = out / split
@@ -136,7 +142,9 @@ def train_arms(args) -> float:
             if proc.poll() is not None:
                 del running[arm]
                 if proc.returncode:
-                    raise SystemExit(f"error: arm {arm} failed (exit {proc.returncode}); see {args.out / f'{arm}.log'}")
+                    for other in running.values():
+                        other.terminate()  # our own children: one failed arm ends the comparison
+                    fail(f"arm {arm} failed (exit {proc.returncode}); see {args.out / f'{arm}.log'}")
                 print(f"arm {arm}: done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
         time.sleep(1.0)
     return (time.perf_counter() - start) / 60
@@ -243,6 +251,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads per arm (default 1)")
     p.add_argument("--device", default="auto", help="train.device for every arm (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for every arm (default 0)")
+    p.add_argument("--eval_only", action="store_true",
+                   help="skip training: score the arms already trained in --out (same split)")
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]
@@ -261,7 +271,13 @@ def main(argv=None) -> int:
     parts = split_data(args.data, args.out / "data", args.heldout)
     print(f"{len(parts['train'])} training files, {len(parts['validation'])} held out: "
           + ", ".join(p.name for p in parts["validation"]), flush=True)
-    minutes = train_arms(args)
+    if args.eval_only:
+        missing = [a for a in args.arms if not (args.out / a / "checkpoints" / "latest.pt").is_file()]
+        if missing:
+            fail(f"--eval_only: arms {missing} have no checkpoint under {args.out}")
+        minutes = float("nan")
+    else:
+        minutes = train_arms(args)
     results, curves = {}, {}
     for arm in args.arms:
         results[arm] = evaluate_arm(args.out / arm, parts["validation"])
@@ -269,7 +285,8 @@ def main(argv=None) -> int:
     levels = sum(1 for k in results[args.arms[0]] if k.startswith("usage"))
     text = (f"{args.preset} preset, {args.steps} steps per arm, batch {args.batch_size} x {args.segment} s, "
             f"lr {args.lr}, device {args.device}; {len(parts['validation'])} held-out files scored whole; "
-            f"training wall time {minutes:.1f} min ({args.parallel} arms at a time)\n\n"
+            + (f"training wall time {minutes:.1f} min ({args.parallel} arms at a time)" if minutes == minutes
+               else "scored with --eval_only (training not timed by this command)") + "\n\n"
             + table(results, levels) + "\n")
     (args.out / "quality.md").write_text(text)
     (args.out / "quality.json").write_text(json.dumps({"results": results, "minutes": minutes,
