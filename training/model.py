@@ -174,13 +174,11 @@ class DeadCodeRestarter:
     has not been used yet, so usage is high from the first ``every`` steps on.
     """
 
-    def __init__(self, model: snac.SNAC, threshold: int, every: int = 1, seed: int = 0, noise: float = 0.01,
-                 recentre: bool = True):
+    def __init__(self, model: snac.SNAC, threshold: int, every: int = 1, seed: int = 0, noise: float = 0.01):
         if threshold < 1 or every < 1:
             raise ValueError(f"threshold and every must be >= 1, got {threshold} and {every}")
         self.model = model
         self.threshold, self.every, self.noise = int(threshold), int(every), float(noise)
-        self.recentre = recentre
         quantizers = list(model.quantizer.quantizers)
         device = quantizers[0].codebook.weight.device
         size = model.codebook_size
@@ -225,8 +223,6 @@ class DeadCodeRestarter:
             dist.all_reduce(last_used, op=dist.ReduceOp.MAX)  # dead = unused on every rank
         dead = ((step - last_used) >= self.threshold).nonzero().squeeze(1)
         candidates = _gather_rows(self.buffers[level][:self.filled[level]])
-        if self.recentre and len(candidates):
-            candidates = self._recentre(level, candidates)
         n = min(len(dead), len(candidates))  # host sync: only here, at a check step
         if n == 0:
             return 0
@@ -241,19 +237,6 @@ class DeadCodeRestarter:
         last_used[dead] = step
         self.total_restarted[level] += n
         return n
-
-    def _recentre(self, level: int, candidates: Tensor) -> Tensor:
-        """Shift this level's ``in_proj`` bias so the recent latents average to zero.
-
-        snac searches codes by cosine similarity. A freshly initialised encoder's output is mostly
-        one constant vector (its mean is ~99 % of its norm), so every latent points the same way
-        and one or two codes win every frame whatever the restarts do. Removing the mean spreads
-        the latents' directions over the sphere. Returns the candidates shifted the same way.
-        """
-        shift = candidates.mean(0)
-        bias = self.model.quantizer.quantizers[level].in_proj.bias
-        bias.data -= shift.to(bias.dtype)
-        return candidates - shift
 
     def state_dict(self) -> Dict[str, Any]:
         return {"last_used": [t.detach().cpu().clone() for t in self.last_used],
