@@ -183,7 +183,7 @@ class TrainConfig:
     adversarial_start_step: int = 0  # ours: before this the generator ignores the discriminator
     dead_code_steps: int = 200  # ours: codes unused for this many steps are dead; 0 disables restarts
     # ours: restart check every this many steps (the only steps that synchronise the codebook
-    # bookkeeping); the first check re-seeds every code not used yet, so usage is high early.
+    # bookkeeping); the first check already re-seeds every code not used yet.
     dead_code_every: int = 25
     max_nonfinite_steps: int = 20  # ours: consecutive skipped (NaN/Inf) steps before stopping
     init_from: Optional[str] = None  # SNAC directory, hub id or our checkpoint to fine-tune from

@@ -170,8 +170,8 @@ class DeadCodeRestarter:
     sees the same gathered candidates, so all ranks write bit-identical codebooks without a
     broadcast (DDP itself never syncs a direct ``.data`` write).
 
-    Codes start as "last used at step ``-threshold``": the first check restarts every code that
-    has not been used yet, so usage is high from the first ``every`` steps on.
+    Codes start as "last used at step ``-threshold``": the first check (step ``every``) already
+    re-seeds every code that has not been used yet, instead of waiting ``threshold`` steps.
     """
 
     def __init__(self, model: snac.SNAC, threshold: int, every: int = 1, seed: int = 0, noise: float = 0.01):
