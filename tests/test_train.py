@@ -113,7 +113,7 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path, ljspeech_dir):
            str(ROOT / "tests" / "ddp_rank_probe.py"), str(probe),
            *FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "4",
            "--run_dir", str(tmp_path / "ddp"), "--device", "cpu",
-           "--set", "train.dead_code_steps=1"]  # restart dead codes at every step: the hard case
+           "--set", "train.dead_code_steps=1", "--set", "train.dead_code_every=1"]  # restart at every step: the hard case
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     violations = "".join(p.read_text() for p in probe.glob("device_violations_*.txt"))
     assert not violations, violations  # every collective got tensors on the training device
