@@ -166,6 +166,7 @@ def test_dead_code_restart_reseeds_only_unused_codes_with_distinct_candidates(ti
     other = DeadCodeRestarter(tiny, threshold=2, every=2)
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.last_used, restarter.last_used))
+    assert all(torch.equal(a, b) for a, b in zip(other.buffers, restarter.buffers))
 
 
 # --------------------------------------------------------------------------------------
@@ -266,8 +267,6 @@ def test_codebook_stats_equal_bincount_reference():
     assert usage.item() == pytest.approx((counts > 0).double().mean().item())
     assert perplexity.item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-5)
 
-
-    assert all(torch.equal(a, b) for a, b in zip(other.buffers, restarter.buffers))
 
 
 def test_dead_code_restart_adds_a_little_noise(tiny):
