@@ -67,7 +67,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("never_resume",
            "rerunning a training command resumes from checkpoints/latest.pt",
            "tests/test_examples.py::test_resume",
-           (Rewrite(r"^(\s*)resuming = _agree_on_resume\(.*\)$", r"\1resuming = False"),)),
+           (Rewrite(r"^(\s*)if point is not None:\n(\s*)load_checkpoint\(", r"\1if False:\n\2load_checkpoint("),)),
     Mutant("tokenizer_forgets_failures",
            "a resumed tokenizer run treats logged failures as done (exactly once)",
            "tests/test_tokenize.py::test_sigkill_mid_run_then_resume_is_exactly_once",

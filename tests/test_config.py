@@ -117,9 +117,9 @@ def test_bad_file_is_one_line_error(tmp_path):
 
 
 def test_overrides_parse_values():
-    cfg = apply_overrides(Config(), ["optim.lr=3e-4", "optim.grad_clip=null", "model.vq_strides=[8,4,2,1]",
+    cfg = apply_overrides(Config(), ["optim.lr=3e-4", "optim.grad_clip_generator=null", "model.vq_strides=[8,4,2,1]",
                                      "train.run_dir=runs/x", "data.streaming=true"])
-    assert cfg.optim.lr == 3e-4 and cfg.optim.grad_clip is None and cfg.model.vq_strides == (8, 4, 2, 1)
+    assert cfg.optim.lr == 3e-4 and cfg.optim.grad_clip_generator is None and cfg.model.vq_strides == (8, 4, 2, 1)
     assert cfg.train.run_dir == "runs/x" and cfg.data.streaming is True
     with pytest.raises(ConfigError, match="form section.key=value"):
         apply_overrides(Config(), ["optim.lr"])
@@ -137,7 +137,7 @@ def test_dataset_presets_have_required_fields():
 # Every out-of-range value is refused at load with the key and its allowed range (the values the
 # fault probe found accepted, plus their neighbours).
 OUT_OF_RANGE = [
-    ("optim.grad_clip", -1.0, "> 0, or null"), ("optim.grad_clip", 0, "> 0, or null"),
+    ("optim.grad_clip_generator", -1.0, "> 0, or null"), ("optim.grad_clip_discriminator", 0, "> 0, or null"),
     ("optim.lr_decay", -0.5, "in (0, 1]"), ("optim.lr_decay", 1.5, "in (0, 1]"),
     ("optim.lr", -1e-4, "> 0"), ("optim.lr", float("nan"), "finite"), ("optim.lr", float("inf"), "finite"),
     ("optim.betas", [0.8, 1.5], "[0, 1)"), ("optim.betas", [-0.1, 0.9], "[0, 1)"), ("optim.eps", 0, "> 0"),
@@ -170,7 +170,7 @@ def test_out_of_range_values_name_key_and_allowed_range(key, value, allowed):
 
 def test_defaults_and_presets_pass_validation():
     for preset in ("24khz", "32khz", "44khz", "tiny"):
-        create_training_config(preset=preset, overrides={"optim.grad_clip": 1.0, "optim.lr_decay": 1.0})
+        create_training_config(preset=preset, overrides={"optim.grad_clip_generator": 1.0, "optim.lr_decay": 1.0})
 
 
 def test_absurd_batch_times_segment_is_refused_with_a_memory_estimate():

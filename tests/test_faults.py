@@ -330,7 +330,7 @@ def test_dead_writers_temp_files_freed_on_a_full_disk(trained_run, ljspeech_dir,
 
 
 @pytest.mark.parametrize("override,key", [  # every key and range: tests/test_config.py, in-process
-    ("optim.grad_clip=-1", "optim.grad_clip"),  # trained backwards before
+    ("optim.grad_clip_generator=-1", "optim.grad_clip_generator"),  # trained backwards before
     ("data.segment_seconds=1e6", "data.segment_seconds"),  # tried to allocate ~100 GB before
 ])
 def test_bad_config_value_is_one_line_before_anything_is_written(override, key, tmp_path, ljspeech_dir):

@@ -128,26 +128,45 @@ def test_wrong_sample_rate(tiny):
         train_forward(tiny, audio(), sample_rate=16000)
 
 
-def test_dead_code_restart_reseeds_only_unused_codes(tiny):
-    restarter = DeadCodeRestarter(tiny, threshold=2, seed=0)
+def _rows(z_e):
+    return z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
+
+
+def test_dead_code_restart_reseeds_only_unused_codes_with_distinct_candidates(tiny):
+    restarter = DeadCodeRestarter(tiny, threshold=2, every=2, seed=0, noise=0.0)
     out = train_forward(tiny, audio(b=2, t=20480))
     before = [vq.codebook.weight.detach().clone() for vq in tiny.quantizer.quantizers]
-    assert restarter.step(1, out.codes, out.latents) == [0, 0, 0]  # nothing dead yet (step - 0 < 2)
-    counts = restarter.step(2, out.codes, out.latents)
+    assert restarter.step(1, out.codes, out.latents) == [0, 0, 0]  # not a check step
+    assert all(torch.equal(vq.codebook.weight, b) for vq, b in zip(tiny.quantizer.quantizers, before))
+    counts = restarter.step(2, out.codes, out.latents)  # first check: every code unused so far is dead
     for level, vq in enumerate(tiny.quantizer.quantizers):
         used = torch.unique(out.codes[level])
         unused = torch.ones(vq.codebook_size, dtype=torch.bool)
         unused[used] = False
-        assert counts[level] == int(unused.sum())
+        cands = _rows(out.latents[level])
+        # the buffer holds both steps' latents (the same batch twice): 2x candidates, half distinct
+        assert counts[level] == min(int(unused.sum()), 2 * len(cands))
         w = vq.codebook.weight.detach()
         assert torch.equal(w[used], before[level][used])  # codes in use untouched
-        # every re-seeded entry is one of this batch's encoder outputs
-        cands = out.latents[level].transpose(1, 2).reshape(-1, w.shape[1])
-        assert (w[unused][:, None, :] == cands[None]).all(-1).any(-1).all()
+        changed = (w != before[level]).any(1)
+        assert int(changed.sum()) == counts[level] and not changed[used].any()
+        # every re-seeded entry is an encoder output of this level...
+        match = (w[changed][:, None, :] == cands[None]).all(-1)
+        assert match.any(-1).all()
+    # ...and drawn without replacement: with a buffer of distinct rows no two restarts share one
+    fresh = DeadCodeRestarter(tiny, threshold=1, every=1, seed=3, noise=0.0)
+    latents = [torch.randn(1, z.shape[1], 300) for z in out.latents]
+    codes = [torch.zeros(1, 300, dtype=torch.long) for _ in out.codes]
+    counts = fresh.step(1, codes, latents)
+    for level, vq in enumerate(tiny.quantizer.quantizers):
+        assert counts[level] == 255  # all but code 0 (used)
+        new = vq.codebook.weight.detach()[1:]
+        assert len(torch.unique(new, dim=0)) == 255
     state = restarter.state_dict()
-    other = DeadCodeRestarter(tiny, threshold=2)
+    other = DeadCodeRestarter(tiny, threshold=2, every=2)
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.last_used, restarter.last_used))
+    assert all(torch.equal(a, b) for a, b in zip(other.buffers, restarter.buffers))
 
 
 # --------------------------------------------------------------------------------------
@@ -247,3 +266,78 @@ def test_codebook_stats_equal_bincount_reference():
     p = counts[counts > 0] / counts.sum()
     assert usage.item() == pytest.approx((counts > 0).double().mean().item())
     assert perplexity.item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-5)
+
+
+
+def test_dead_code_restart_adds_a_little_noise(tiny):
+    restarter = DeadCodeRestarter(tiny, threshold=1, every=1, seed=0, noise=0.01)
+    latents = [torch.randn(1, 8, 300) for _ in range(3)]
+    codes = [torch.zeros(1, 300, dtype=torch.long) for _ in range(3)]
+    restarter.step(1, codes, latents)
+    for level, vq in enumerate(tiny.quantizer.quantizers):
+        new, cands = vq.codebook.weight.detach()[1:], _rows(latents[level])
+        nearest = torch.cdist(new, cands).min(1).values
+        rms = cands.pow(2).mean().sqrt()
+        assert (nearest > 0).all() and (nearest < 0.1 * rms).all()  # near a candidate, never on it
+
+
+def test_dead_code_bookkeeping_never_syncs_the_host_off_check_steps(tiny, monkeypatch):
+    """Off check steps the restarter must not read a tensor on the host nor call a collective;
+    check steps run the collectives (here a fake two-rank world: every rank holds the same data)."""
+    import training.model as model_mod
+
+    calls = []
+    monkeypatch.setattr(model_mod, "_distributed", lambda: True)
+    monkeypatch.setattr(model_mod.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(model_mod.dist, "all_reduce", lambda t, op=None: calls.append("all_reduce"))
+
+    def fake_all_gather(outs, t):
+        calls.append("all_gather")
+        for o in outs:
+            o.copy_(t)
+    monkeypatch.setattr(model_mod.dist, "all_gather", fake_all_gather)
+    restarter = DeadCodeRestarter(tiny, threshold=2, every=3, seed=0)
+    out = train_forward(tiny, audio(b=2, t=20480))
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync off a check step")
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "cpu", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+            m.setattr(torch.Tensor, name, forbidden)
+        assert restarter.step(1, out.codes, out.latents) == [0, 0, 0]
+        assert restarter.step(2, out.codes, out.latents) == [0, 0, 0]
+    assert calls == []
+    counts = restarter.step(3, out.codes, out.latents)
+    assert calls == ["all_reduce", "all_gather", "all_gather"] * 3
+    # the fake world doubled the candidates: level 0 has 20 per step x 3 steps x 2 ranks
+    assert counts[0] == min(120, 256 - len(torch.unique(out.codes[0])))
+
+
+def test_dead_code_restart_draws_from_every_rank_and_ranks_stay_identical(tmp_path):
+    """Real two-process gloo run: candidates of both ranks are gathered, every rank writes the
+    same (bit-identical) codebooks, and no candidate is used twice."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(root / "tests" / "ddp_restart_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert r0["counts"] == r1["counts"] == [70, 70, 70]  # 40 + 30 candidates for 255 dead codes
+    for level in range(3):
+        w0, w1 = r0["weights"][level], r1["weights"][level]
+        assert torch.equal(w0, w1)
+        new = w0[(w0 != r0["initial"][level]).any(1)]
+        assert len(new) == 70
+        from_rank0, from_rank1 = (new[:, 0] > 2.5).sum(), (new[:, 0] < -2.5).sum()
+        assert (int(from_rank0), int(from_rank1)) == (40, 30)  # every candidate of both ranks, once
+        cands = torch.cat([_rows(r0["latents"][level]), _rows(r1["latents"][level])])
+        nearest = torch.cdist(new, cands).argmin(1)
+        assert len(torch.unique(nearest)) == 70
+

@@ -113,7 +113,7 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path, ljspeech_dir):
            str(ROOT / "tests" / "ddp_rank_probe.py"), str(probe),
            *FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "4",
            "--run_dir", str(tmp_path / "ddp"), "--device", "cpu",
-           "--set", "train.dead_code_steps=1"]  # restart dead codes at every step: the hard case
+           "--set", "train.dead_code_steps=1", "--set", "train.dead_code_every=1"]  # restart at every step: the hard case
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     violations = "".join(p.read_text() for p in probe.glob("device_violations_*.txt"))
     assert not violations, violations  # every collective got tensors on the training device
@@ -209,6 +209,26 @@ def test_repeated_nonfinite_steps_stop_cleanly(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 2  # the last good checkpoint, intact and loadable
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+
+
+def test_evaluation_leaves_the_training_random_stream_alone(tmp_path, ljspeech_dir):
+    """Evaluating (which runs the decoder's noise blocks) neither consumes the training RNG nor
+    depends on it: a run's steps are the same whenever evaluation happens."""
+    from training.audio import load_audio
+
+    cfg = _tiny_cfg(tmp_path)
+    clip = load_audio(ljspeech_dir / "wavs" / "LJ001-0002.flac", 24000)[:, :8192]
+    state = build_state(cfg, torch.device("cpu"))
+    torch.manual_seed(123)
+    first = evaluate(state, [{"audio": clip.unsqueeze(0)}])
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    assert torch.equal(after, expected)  # the training stream did not move
+    torch.manual_seed(999)
+    second = evaluate(state, [{"audio": clip.unsqueeze(0)}])
+    assert first["val/mel"] == second["val/mel"]  # and evaluation does not depend on it
+    assert torch.equal(first["samples"][1], second["samples"][1])
 
 
 def test_overfitting_one_real_clip_lowers_mel_distance(tmp_path, ljspeech_dir):

@@ -103,7 +103,9 @@ class DataConfig:
     batch_size: int = 16  # paper
     num_workers: int = 4  # ours: DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # ours: streaming shuffle buffer (items)
-    loudness_db: Optional[float] = None  # ours: None = no normalization; else target RMS dBFS
+    # DAC conf/base.yml VolumeNorm.db = -16 (DAC measures LUFS; here RMS dBFS, peak-limited);
+    # None disables. Quiet clips otherwise barely reach the adversarial / feature-matching terms.
+    loudness_db: Optional[float] = -16.0
     silence_db: float = -60.0  # ours: crops quieter than this RMS (dBFS) are re-drawn
     max_silence_retries: int = 5  # ours: bounded re-draws before accepting a quiet crop
     max_failure_fraction: float = 0.5  # ours: abort when more than this fraction of reads fail
@@ -145,6 +147,10 @@ class DiscriminatorConfig:
     stft_bands: Tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # DAC band edges (fraction of Nyquist)
     stft_channels: int = 32  # DAC MRD channels
     mpd_channels: Tuple[int, ...] = (32, 128, 512, 1024, 1024)  # HiFi-GAN / DAC period discriminator
+    # DAC Discriminator.preprocess: remove the DC offset and peak-normalise to 0.8 before every
+    # sub-discriminator, so loudness and offset are no cue for real vs fake.
+    preprocess: bool = True
+    preprocess_peak: float = 0.8  # DAC
 
 
 @dataclass
@@ -154,7 +160,10 @@ class OptimConfig:
     eps: float = 1e-8  # torch default
     weight_decay: float = 0.01  # torch AdamW default (DAC does not change it)
     lr_decay: float = 0.999994  # paper: ExponentialLR gamma, per step, both networks
-    grad_clip: Optional[float] = None  # paper: no clipping; a float clips both networks' grad norm
+    # DAC scripts/train.py clip_grad_norm_(generator, 1e3) / (discriminator, 10.0); None = no clip
+    # (the SNAC paper's "no clipping").
+    grad_clip_generator: Optional[float] = 1e3
+    grad_clip_discriminator: Optional[float] = 10.0
     fused: Optional[bool] = None  # ours: None = fused AdamW on CUDA and CPU (skips non-finite updates without a host sync), foreach elsewhere
 
 
@@ -173,7 +182,10 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_last: int = 3  # numbered checkpoints kept besides latest/best
     adversarial_start_step: int = 0  # ours: before this the generator ignores the discriminator
-    dead_code_steps: int = 1000  # ours: re-seed codes unused for this many steps; 0 disables
+    dead_code_steps: int = 200  # ours: codes unused for this many steps are dead; 0 disables restarts
+    # ours: restart check every this many steps (the only steps that synchronise the codebook
+    # bookkeeping); the first check already re-seeds every code not used yet.
+    dead_code_every: int = 25
     max_nonfinite_steps: int = 20  # ours: consecutive skipped (NaN/Inf) steps before stopping
     init_from: Optional[str] = None  # SNAC directory, hub id or our checkpoint to fine-tune from
     freeze_encoder: bool = False
@@ -675,6 +687,7 @@ def _validate_discriminator(dc: DiscriminatorConfig) -> None:
            "discriminator.stft_bands", "at least two increasing band edges in [0, 1]")
     _range(dc.stft_channels, dc.stft_channels >= 1, "discriminator.stft_channels", ">= 1")
     _each(dc.mpd_channels, lambda c: c >= 1, "discriminator.mpd_channels", "integers >= 1")
+    _range(dc.preprocess_peak, dc.preprocess_peak > 0, "discriminator.preprocess_peak", "> 0")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -685,13 +698,16 @@ def _validate_optim(o: OptimConfig) -> None:
     _range(o.weight_decay, o.weight_decay >= 0, "optim.weight_decay", ">= 0")
     _range(o.lr_decay, 0 < o.lr_decay <= 1, "optim.lr_decay", "in (0, 1] (per-step factor; 1 = constant)")
     # clip_grad_norm_ with a negative limit flips every gradient: the model would train backwards.
-    _range(o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "> 0, or null for no clipping")
+    for name in ("grad_clip_generator", "grad_clip_discriminator"):
+        clip = getattr(o, name)
+        _range(clip, clip is None or clip > 0, f"optim.{name}", "> 0, or null for no clipping")
 
 
 def _validate_train(t: TrainConfig) -> None:
     _range(t.precision, t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16")
     _range(t.max_steps, t.max_steps >= 0, "train.max_steps", ">= 0")
-    for name in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_last", "max_nonfinite_steps"):
+    for name in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_last", "max_nonfinite_steps",
+                 "dead_code_every"):
         _range(getattr(t, name), getattr(t, name) >= 1, f"train.{name}", ">= 1")
     for name in ("adversarial_start_step", "dead_code_steps", "num_audio_samples", "seed"):
         _range(getattr(t, name), getattr(t, name) >= 0, f"train.{name}", ">= 0")

@@ -232,6 +232,7 @@ class Discriminator(nn.Module):
         self.mpd = MultiPeriodDiscriminator(cfg.periods, cfg.mpd_channels)
         self.mstft = MultiScaleSTFTDiscriminator(cfg.stft_fft_sizes, sample_rate, cfg.stft_bands,
                                                  cfg.stft_hop_factor, cfg.stft_channels)
+        self.preprocess_peak = float(cfg.preprocess_peak) if cfg.preprocess else None
 
     @property
     def num_discriminators(self) -> int:
@@ -240,4 +241,13 @@ class Discriminator(nn.Module):
     def forward(self, x: Tensor) -> List[DiscriminatorOutput]:
         """``(B, 1, T)`` -> list of ``num_discriminators`` ``(logits, feature_maps)`` pairs."""
         check_audio(x)
+        if self.preprocess_peak is not None:
+            x = remove_dc_and_normalize_peak(x, self.preprocess_peak)
         return self.mpd._forward(x) + self.mstft._forward(x)
+
+
+def remove_dc_and_normalize_peak(x: Tensor, peak: float = 0.8, eps: float = 1e-9) -> Tensor:
+    """DAC's discriminator input: each ``(B, 1, T)`` clip minus its mean, scaled so its largest
+    absolute sample is ``peak`` (``eps`` keeps silence finite). Differentiable; same shape."""
+    x = x - x.mean(dim=-1, keepdim=True)
+    return peak * x / (x.abs().amax(dim=-1, keepdim=True) + eps)

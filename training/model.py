@@ -235,58 +235,124 @@ def _quantize(model: snac.SNAC, z: Tensor):
 
 
 class DeadCodeRestarter:
-    """Re-seed codebook entries that no batch has used for ``threshold`` steps.
+    """Re-seed codebook entries that no rank has used for ``threshold`` steps.
 
-    Dead entries are replaced with randomly chosen current encoder outputs ``z_e`` of the same
-    level, which puts them where the data is. Under DDP, usage is OR-reduced across ranks and the
-    replacement vectors are drawn on rank 0 and broadcast, so every rank keeps identical
-    codebooks (DDP itself never syncs a direct ``.data`` write).
+    Every step, on the codebook's device and without any host synchronisation, it records when
+    each code was last used (this rank's batch) and keeps the encoder outputs ``z_e`` of each
+    level seen since the last check (the newest ``codebook_size`` rows). Every ``every`` steps it
+    checks:
+
+    1. ``last_used`` is MAX-reduced over ranks, so a code is dead only if no rank used it;
+    2. the candidate buffers of all ranks are gathered (``all_gather`` on the device);
+    3. dead codes get distinct candidates (sampled without replacement) plus a little noise, so
+       two restarted codes never tie and die together. With fewer candidates than dead codes, a
+       random subset of the dead codes is restarted and the rest wait for the next check.
+
+    The random draws come from a CPU generator seeded identically on every rank, and every rank
+    sees the same gathered candidates, so all ranks write bit-identical codebooks without a
+    broadcast (DDP itself never syncs a direct ``.data`` write).
+
+    Codes start as "last used at step ``-threshold``": the first check (step ``every``) already
+    re-seeds every code that has not been used yet, instead of waiting ``threshold`` steps.
     """
 
-    def __init__(self, model: snac.SNAC, threshold: int, seed: int = 0):
+    def __init__(self, model: snac.SNAC, threshold: int, every: int = 1, seed: int = 0, noise: float = 0.01):
+        if threshold < 1 or every < 1:
+            raise ValueError(f"threshold and every must be >= 1, got {threshold} and {every}")
         self.model = model
-        self.threshold = threshold
+        self.threshold, self.every, self.noise = int(threshold), int(every), float(noise)
+        quantizers = list(model.quantizer.quantizers)
+        device = quantizers[0].codebook.weight.device
         size = model.codebook_size
-        self.last_used = [torch.zeros(size, dtype=torch.long) for _ in model.quantizer.quantizers]
+        self.last_used = [torch.full((size,), -self.threshold, dtype=torch.long, device=device) for _ in quantizers]
+        self.buffers = [torch.zeros(size, vq.codebook.weight.shape[1], device=device) for vq in quantizers]
+        self.filled = [0] * len(quantizers)  # rows of each buffer holding real latents (host ints)
+        self.write_pos = [0] * len(quantizers)
         self.generator = torch.Generator().manual_seed(seed)
-        self.total_restarted = [0] * len(self.last_used)
+        self.total_restarted = [0] * len(quantizers)
 
     @torch.no_grad()
     def step(self, step: int, codes: List[Tensor], latents: List[Tensor]) -> List[int]:
-        """Record usage at ``step``; restart dead entries. Returns the count restarted per level."""
-        restarted = []
-        for level, vq in enumerate(self.model.quantizer.quantizers):
-            used = torch.zeros(vq.codebook_size, dtype=torch.float32, device=codes[level].device)
-            used[codes[level].reshape(-1)] = 1.0
-            if _distributed():
-                dist.all_reduce(used, op=dist.ReduceOp.MAX)
-            self.last_used[level][used.cpu() > 0] = step
-            dead = (step - self.last_used[level]) >= self.threshold
-            n_dead = int(dead.sum())
-            if n_dead:
-                self._reseed(vq, dead, latents[level])
-                self.last_used[level][dead] = step
-                self.total_restarted[level] += n_dead
-            restarted.append(n_dead)
-        return restarted
+        """Record ``codes`` (per level, (B, T_i)) and ``latents`` (per level, (B, D, T_i)) at ``step``;
+        at a check step restart dead codes. Returns the number restarted per level (0 off checks)."""
+        for level in range(len(self.last_used)):
+            self._observe(level, step, codes[level], latents[level])
+        if step % self.every:
+            return [0] * len(self.last_used)
+        counts = [self._restart_level(level, step) for level in range(len(self.last_used))]
+        # Candidates are only the latents seen since this check: the encoder drifts, and a code
+        # seeded from a stale latent lands where no current latent is and dies again.
+        self.filled = [0] * len(self.filled)
+        self.write_pos = [0] * len(self.write_pos)
+        return counts
 
-    def _reseed(self, vq: torch.nn.Module, dead: Tensor, z_e: Tensor) -> None:
-        weight = vq.codebook.weight
-        candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1]).float()
-        pick = torch.randint(len(candidates), (int(dead.sum()),), generator=self.generator)
-        new = candidates[pick.to(candidates.device)].to(weight.dtype).contiguous()
+    def _observe(self, level: int, step: int, codes: Tensor, z_e: Tensor) -> None:
+        """Device-only bookkeeping: no ``.item()``, no collective."""
+        self.last_used[level].index_fill_(0, codes.reshape(-1).to(self.last_used[level].device), step)
+        rows = z_e.detach().transpose(1, 2).reshape(-1, z_e.shape[1]).float()
+        buf = self.buffers[level]
+        rows = rows[-len(buf):]  # a batch larger than the buffer: keep its newest rows
+        pos, n = self.write_pos[level], len(rows)
+        first = min(n, len(buf) - pos)
+        buf[pos:pos + first] = rows[:first]
+        buf[:n - first] = rows[first:]
+        self.write_pos[level] = (pos + n) % len(buf)
+        self.filled[level] = min(len(buf), self.filled[level] + n)
+
+    def _restart_level(self, level: int, step: int) -> int:
+        last_used = self.last_used[level]
         if _distributed():
-            dist.broadcast(new, src=0)
-        weight.data[dead.to(weight.device)] = new
+            dist.all_reduce(last_used, op=dist.ReduceOp.MAX)  # dead = unused on every rank
+        dead = ((step - last_used) >= self.threshold).nonzero().squeeze(1)
+        candidates = _gather_rows(self.buffers[level][:self.filled[level]])
+        n = min(len(dead), len(candidates))  # host sync: only here, at a check step
+        if n == 0:
+            return 0
+        if n < len(dead):
+            dead = dead[torch.randperm(len(dead), generator=self.generator)[:n].to(dead.device)]
+        pick = torch.randperm(len(candidates), generator=self.generator)[:n].to(candidates.device)
+        new = candidates[pick]
+        scale = new.pow(2).mean().sqrt()  # noise relative to the latents' RMS
+        noise = torch.randn(new.shape, generator=self.generator).to(new.device)
+        weight = self.model.quantizer.quantizers[level].codebook.weight
+        weight.data[dead] = (new + self.noise * scale * noise).to(weight.dtype)
+        last_used[dead] = step
+        self.total_restarted[level] += n
+        return n
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"last_used": [t.clone() for t in self.last_used], "generator": self.generator.get_state(),
-                "total_restarted": list(self.total_restarted)}
+        return {"last_used": [t.detach().cpu().clone() for t in self.last_used],
+                "buffers": [t.detach().cpu().clone() for t in self.buffers],
+                "filled": list(self.filled), "write_pos": list(self.write_pos),
+                "generator": self.generator.get_state(), "total_restarted": list(self.total_restarted)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.last_used = [t.clone().long() for t in state["last_used"]]
+        device = self.last_used[0].device
+        self.last_used = [t.to(device=device, dtype=torch.long).clone() for t in state["last_used"]]
+        if "buffers" in state:  # checkpoints written before the candidate buffers start empty
+            self.buffers = [t.to(device=device, dtype=torch.float32).clone() for t in state["buffers"]]
+            self.filled, self.write_pos = list(state["filled"]), list(state["write_pos"])
         self.generator.set_state(state["generator"])
         self.total_restarted = list(state["total_restarted"])
+
+
+def _gather_rows(rows: Tensor) -> Tensor:
+    """Concatenate every rank's ``(N_r, D)`` rows in rank order (ranks may hold different N_r).
+
+    Uses the rows' own device (NCCL needs CUDA tensors, gloo CPU ones). Single process: ``rows``.
+    """
+    if not _distributed():
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([len(rows)], dtype=torch.long, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros(max(sizes), rows.shape[1], dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
 def _distributed() -> bool:

@@ -249,7 +249,7 @@ def build_state(cfg: Config, device: torch.device, rank: int = 0, world_size: in
     if cfg.train.compile:
         gen_step, disc_step = torch.compile(gen_step), torch.compile(disc_step)
         disc_gen = disc_step if world_size == 1 else torch.compile(discriminator)
-    restarter = DeadCodeRestarter(generator, cfg.train.dead_code_steps, seed=cfg.train.seed) \
+    restarter = DeadCodeRestarter(generator, cfg.train.dead_code_steps, cfg.train.dead_code_every, seed=cfg.train.seed) \
         if cfg.train.dead_code_steps > 0 and not cfg.train.freeze_quantizer else None
     return TrainState(cfg=cfg, device=device, generator=generator, discriminator=discriminator,
                       gen_step=gen_step, disc_step=disc_step, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
@@ -295,15 +295,15 @@ def _step_unless(opt: torch.optim.Optimizer, bad: Tensor) -> None:
         opt.step()
 
 
-def _update(state: TrainState, loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Backward into ``params`` only + (optional clip) + step, skipped when the loss or the
+def _update(state: TrainState, loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[Tensor],
+            clip: Optional[float]) -> Tuple[Tensor, Tensor]:
+    """Backward into ``params`` only + (clip to ``clip`` when set) + step, skipped when the loss or the
     gradient norm is non-finite. Returns ``(skipped flag, gradient norm)`` as device tensors.
 
     The learning-rate schedule advances on skipped steps too: it follows the step counter.
     """
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=params)
-    clip = state.cfg.optim.grad_clip
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
     bad = _nonfinite(state, loss, norm)
@@ -345,7 +345,8 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, Any]:
     with state.autocast:
         d_real, d_fake = _split(state.disc_step(torch.cat([real, fake.detach()])), n)
     d_loss = discriminator_loss(d_real, d_fake)
-    d_bad, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()))
+    d_bad, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()),
+                            cfg.optim.grad_clip_discriminator)
 
     # Generator step against the just-updated discriminator; before adversarial_start_step only
     # reconstruction + VQ losses drive the generator (the discriminator keeps learning above).
@@ -356,7 +357,7 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, Any]:
     total, terms = state.loss_fn(real, fake, out.commitment_loss, out.codebook_loss, g_real, g_fake)
     # Always run the backward (DDP expects one per forward).
     gen_params = [p for p in state.generator.parameters() if p.requires_grad]
-    g_bad, g_norm = _update(state, total, state.opt_g, state.sched_g, gen_params)
+    g_bad, g_norm = _update(state, total, state.opt_g, state.sched_g, gen_params, cfg.optim.grad_clip_generator)
     state.step += 1
     skipped = torch.maximum(d_bad, g_bad)
     state.count_skip(skipped)
@@ -397,6 +398,17 @@ def evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_ba
 
     Returns scalars under ``val/...`` plus ``samples``: the first batch's (real, fake) audio.
     """
+    # The decoder's noise blocks draw random numbers. Evaluating on a private, fixed-seed stream
+    # keeps the training stream (and so a resumed run) independent of when and how often
+    # evaluation runs, and makes successive evaluations comparable.
+    devices = [state.device] if state.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(state.cfg.train.seed)
+        return _evaluate(state, val_batches, max_batches)
+
+
+@torch.no_grad()
+def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_batches: Optional[int]) -> Dict[str, Any]:
     gen = state.generator
     was_training = gen.training
     gen.eval()
