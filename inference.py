@@ -274,7 +274,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from training.model import export_snac, load_generator
+    from training.hub import export_snac, load_generator
 
     model, cfg = load_generator(args.checkpoint, device="cpu")
     out = export_snac(model, cfg, args.output, overwrite=args.overwrite)
@@ -303,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from training.audio import AudioReadError
     from training.codec import CodecError
     from training.config import ConfigError
-    from training.model import ModelLoadError
+    from training.hub import ModelLoadError
 
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)

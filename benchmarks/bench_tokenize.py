@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from training.audio import decode_audio, list_audio_files  # noqa: E402
 from training.config import model_preset  # noqa: E402
-from training.model import build_generator, export_snac, load_generator  # noqa: E402
+from training.model import build_generator  # noqa: E402
+from training.hub import export_snac, load_generator  # noqa: E402
 
 
 def find_clips() -> List[Path]:

@@ -161,7 +161,8 @@ def evaluate_arm(run_dir: Path, clips: List[Path]) -> Dict[str, float]:
 
     from training.audio import load_audio
     from training.metrics import codebook_stats, mel_distance, pesq_score, si_sdr, stft_distance, stoi_score
-    from training.model import load_generator, train_forward
+    from training.model import train_forward
+    from training.hub import load_generator
 
     model, cfg = load_generator(run_dir / "checkpoints" / "latest.pt")
     rate = cfg.sampling_rate

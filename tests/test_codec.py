@@ -14,7 +14,8 @@ from training.codec import (
     mean_metrics, plan_windows, plot_spectrograms, receptive_field, save_codes, select_device,
 )
 from training.config import Config, model_preset
-from training.model import build_generator, export_snac
+from training.model import build_generator
+from training.hub import export_snac
 
 from diverse_model import distinct_codes, whiten_quantizer_inputs
 

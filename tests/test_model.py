@@ -7,14 +7,8 @@ import snac
 import torch
 
 from training.config import model_preset
-from training.model import (
-    DeadCodeRestarter,
-    ModelLoadError,
-    build_generator,
-    export_snac,
-    load_generator,
-    train_forward,
-)
+from training.model import DeadCodeRestarter, build_generator, train_forward
+from training.hub import ModelLoadError, export_snac, load_generator
 
 
 @pytest.fixture

@@ -68,7 +68,8 @@ def test_example_scripts_run_quietly(tmp_path):
 def test_tokenizer_run_is_quiet(ljspeech_dir, tmp_path):
     """A real (tiny) tokenizer run: reader and encoder processes import snac too."""
     from training.config import model_preset
-    from training.model import build_generator, export_snac
+    from training.model import build_generator
+    from training.hub import export_snac
 
     cfg = model_preset("tiny")
     model = export_snac(build_generator(cfg), cfg, tmp_path / "snac_tiny")

@@ -25,7 +25,8 @@ import yaml
 
 from training.audio import decode_audio
 from training.config import model_preset
-from training.model import build_generator, export_snac
+from training.model import build_generator
+from training.hub import export_snac
 from training.tokenize import flatten_order, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -264,7 +264,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
 
 def test_finetune_from_exported_model_with_frozen_encoder(tmp_path):
     from training.config import model_preset
-    from training.model import build_generator, export_snac
+    from training.model import build_generator
+    from training.hub import export_snac
 
     torch.manual_seed(0)
     pretrained = build_generator(model_preset("tiny"))
@@ -283,7 +284,8 @@ def test_finetune_from_exported_model_with_frozen_encoder(tmp_path):
 
 def test_finetune_run_resumes_with_the_pretrained_architecture(tmp_path, ljspeech_dir):
     from training.config import ModelConfig
-    from training.model import build_generator, export_snac
+    from training.model import build_generator
+    from training.hub import export_snac
 
     # A pretrained model whose architecture differs from the --preset given on the command line.
     cfg = ModelConfig(encoder_dim=8, decoder_dim=32, codebook_size=128)

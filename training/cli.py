@@ -13,7 +13,7 @@ from .config import ConfigError
 
 def user_error_types() -> Tuple[Type[BaseException], ...]:
     """Exception types that mean "the input was wrong", not "the program is broken"."""
-    from .model import ModelLoadError
+    from .hub import ModelLoadError
 
     types = [ConfigError, ModelLoadError, FileNotFoundError]
     try:

@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     write_corpus(out / "corpus", args.clips)
 
     from .audio import save_audio
-    from .model import load_generator, train_forward
+    from .model import train_forward
+    from .hub import load_generator
     from .train import train_main
 
     cfg = demo_config(out, args.steps)

@@ -42,9 +42,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import Config, ConfigError, save_config, to_config
 from .discriminators import Discriminator
+from .hub import export_snac, load_generator
 from .losses import GeneratorLoss, discriminator_loss
 from .metrics import codebook_stats, si_sdr
-from .model import DeadCodeRestarter, TrainOutput, build_generator, export_snac, load_generator, train_forward
+from .model import DeadCodeRestarter, TrainOutput, build_generator, train_forward
 
 
 class TrainingError(RuntimeError):

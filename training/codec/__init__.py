@@ -1,6 +1,6 @@
 """Inference with a trained SNAC codec: encode / decode / round trip tensors, files and folders.
 
-:func:`load_codec` accepts everything :func:`training.model.load_generator` does (our training
+:func:`load_codec` accepts everything :func:`training.hub.load_generator` does (our training
 checkpoint, a run directory, a SNAC directory, a hub id) and returns a :class:`Codec`.
 
 What it adds to ``snac.SNAC.encode`` / ``decode``:

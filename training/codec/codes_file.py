@@ -1,14 +1,17 @@
 """The codes file format (.npz): EncodedAudio, save and validated load."""
 
 from __future__ import annotations
+
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
+
 import numpy as np
 import torch
 from torch import Tensor
+
 from .files import CodecError, PathLike
 
 

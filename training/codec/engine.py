@@ -1,20 +1,23 @@
 """The inference engine: exact chunked windows from the receptive field, masked batching and keyed noise."""
 
 from __future__ import annotations
+
 import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
 import snac
 import torch
 import torch.nn.functional as F
 from snac.attention import LocalMHA
 from snac.layers import NoiseBlock
 from torch import Tensor
+
 from ..audio import AudioReadError, decode_audio, resample
 from ..config import ModelConfig
-from ..model import load_generator
+from ..hub import load_generator
 from .codes_file import EncodedAudio
 from .files import CodecError, PathLike
 from .windows import Window, _pack, _round_up, keyed_noise, plan_windows, receptive_field
@@ -477,7 +480,7 @@ def load_codec(path_or_id: PathLike, device: Optional[str] = None, precision: st
     """A :class:`Codec` from our checkpoint (file or run dir), a SNAC directory or a hub id.
 
     ``device``: None/"auto" picks cuda > mps > cpu. ``precision``: "auto" = bf16 on CUDA.
-    Raises :class:`training.model.ModelLoadError` for a bad source, CodecError for bad options.
+    Raises :class:`training.hub.ModelLoadError` for a bad source, CodecError for bad options.
     """
     dev = select_device(device)
     model, cfg = load_generator(path_or_id, device="cpu")

@@ -1,9 +1,11 @@
 """Input discovery, output path planning and the error type of file and folder inference."""
 
 from __future__ import annotations
+
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
+
 from ..audio import list_audio_files
 
 

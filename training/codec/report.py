@@ -1,12 +1,15 @@
 """Quality reports for inference: per-file metrics, tables, JSON and spectrogram plots."""
 
 from __future__ import annotations
+
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
 import numpy as np
 import torch
 from torch import Tensor
+
 from .. import metrics as M
 from ..config import ModelConfig
 from .files import CodecError, PathLike

@@ -1,8 +1,10 @@
 """Receptive fields, window plans and batch packing for exact chunked inference, and keyed decoder noise."""
 
 from __future__ import annotations
+
 import math
 from typing import List, NamedTuple, Sequence
+
 import numpy as np
 import snac
 import torch

@@ -1,12 +1,15 @@
 """Dataset classes (map-style, streaming, combined): reading, cropping and collating training items."""
 
 from __future__ import annotations
+
 import math
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
 from ..audio import AudioReadError, crop_or_pad, normalize_loudness, open_audio, rms_db
 from .sources import DatasetError, FileRecords, HFRecords, _RecordStream, _row_id, open_records
 

@@ -1,14 +1,17 @@
 """Building train/validation data from a config, and the resumable infinite DDP loader."""
 
 from __future__ import annotations
+
 import math
 import random
 import warnings
 from collections import Counter
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+
 from ..audio import AudioReadError
 from .datasets import AudioDataset, CombinedAudioDataset, StreamingAudioDataset, _make_item, collate_audio
 from .sources import DatasetError, load_registry, open_records, registry_path

@@ -1,6 +1,7 @@
 """`python -m training.dataset prepare|list`: scan a source, write split manifests and a registry entry."""
 
 from __future__ import annotations
+
 import argparse
 import hashlib
 import json
@@ -10,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
 from ..audio import AudioReadError, audio_info, decode_audio
 from .sources import DatasetError, FileRecords, load_registry, open_records, register_dataset, registry_path
 

@@ -1,6 +1,7 @@
 """Record sources: folders, LJ Speech, manifests, audiofolder, hub and saved datasets, the prepared-dataset registry."""
 
 from __future__ import annotations
+
 import collections
 import csv
 import json
@@ -8,6 +9,7 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
 from ..audio import hub_token, list_audio_files
 
 

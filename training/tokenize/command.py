@@ -1,8 +1,10 @@
 """The `python -m training.tokenize` command: save/upload of the finished shards and one-line errors."""
 
 from __future__ import annotations
+
 import sys
 from typing import Optional, Sequence, Tuple
+
 from .pipeline import run
 from .save import UploadError
 from .settings import TokenizeError, build_parser, settings_from_args
@@ -12,7 +14,7 @@ def _user_errors() -> Tuple[type, ...]:
     from ..config import ConfigError
     from ..codec import CodecError
     from ..dataset import DatasetError
-    from ..model import ModelLoadError
+    from ..hub import ModelLoadError
 
     return (TokenizeError, ConfigError, CodecError, DatasetError, ModelLoadError)
 

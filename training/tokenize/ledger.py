@@ -1,6 +1,7 @@
 """Exactly-once output state: completed shards and their id lists, atomic shard commits and the failure log."""
 
 from __future__ import annotations
+
 import fcntl
 import gzip
 import io
@@ -11,6 +12,7 @@ import sys
 import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+
 from .settings import TokenizeError
 
 

@@ -1,6 +1,7 @@
 """Runs one tokenize job: plans devices and pending rows, starts readers and encoders, writes results, reports progress."""
 
 from __future__ import annotations
+
 import dataclasses
 import hashlib
 import multiprocessing as mp
@@ -10,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
 import numpy as np
+
 from .ledger import FailureLog, OutputState, ShardWriter, _atomic_json, shard_suffix
 from .progress import Progress, Summary
 from .save import _check_save_target, _save_outputs
@@ -180,7 +183,7 @@ def _handle(msg: Tuple[Any, ...], s: Settings, writer: ShardWriter, failures: Fa
 
 def run(s: Settings) -> Summary:
     """Tokenize everything ``s`` names that OUT_DIR does not hold yet; then apply save_settings."""
-    from ..model import load_generator
+    from ..hub import load_generator
 
     t0 = time.monotonic()
     model, cfg = load_generator(s.audio_codec, "cpu")

@@ -1,6 +1,7 @@
 """Progress reporting and the run summary of a tokenize job."""
 
 from __future__ import annotations
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple

@@ -1,10 +1,12 @@
 """Saving finished token shards as a datasets folder and uploading them to the hub."""
 
 from __future__ import annotations
+
 import json
 import os
 from pathlib import Path
 from typing import Any
+
 from .ledger import OutputState, _atomic_json
 from .progress import Summary
 from .settings import Settings, TokenizeError

@@ -1,6 +1,7 @@
 """Tokenizer job settings: the dataclasses, YAML/dict parsing and validation, and the command-line parser."""
 
 from __future__ import annotations
+
 import argparse
 import dataclasses
 import json

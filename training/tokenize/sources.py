@@ -1,10 +1,12 @@
 """Opening a tokenizer source (hub id, local dataset, folder, manifest, registry name) as rows to encode."""
 
 from __future__ import annotations
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
 from .settings import SourceSpec
 
 

@@ -1,6 +1,7 @@
 """Reader and encoder processes: decode clips, encode them in exact batches, flatten codes into token rows."""
 
 from __future__ import annotations
+
 import ctypes
 import json
 import os
@@ -9,7 +10,9 @@ import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
 import numpy as np
+
 from .settings import TokenizeError
 from .sources import OpenSource
 
