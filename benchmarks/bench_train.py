@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from training.config import create_training_config  # noqa: E402
 from training.dataset import build_dataloaders  # noqa: E402
-from training.train import _split, build_state, train_step  # noqa: E402
+from training.state import build_state
+from training.train import _split, train_step
 
 MODES = {
     # name: (config overrides, description)

@@ -215,7 +215,7 @@ KINDS = ["truncated", "garbage", "empty", "wrong_dict", "tensor", "malicious"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_point_skips_every_kind_of_damaged_latest(trained_run, tmp_path, kind):
     """In-process, all six kinds; the subprocess matrix below runs three of them end to end."""
-    from training.train import find_resume_checkpoint
+    from training.checkpoint import find_resume_checkpoint
 
     ck = tmp_path / "checkpoints"
     ck.mkdir()
@@ -604,7 +604,7 @@ def test_prepare_gives_files_differing_by_extension_distinct_ids(ljspeech_dir, t
 def test_pruning_is_by_step_and_spares_later_files(tmp_path):
     """Resumed at step 6 from an older checkpoint: the newest numbered files up to step 6 are
     kept; files of later steps (a damaged step_8 skipped at resume) are not pruned in their stead."""
-    from training.train import prune_checkpoints
+    from training.checkpoint import prune_checkpoints
 
     for s in (2, 4, 6, 8, 10):
         (tmp_path / f"step_{s:08d}.pt").write_bytes(b"x")
@@ -619,7 +619,7 @@ def test_best_is_only_replaced_within_its_lineage(trained_run, tmp_path):
     from types import SimpleNamespace
 
     from training.config import create_training_config
-    from training.train import adopt_best
+    from training.checkpoint import adopt_best
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -638,7 +638,8 @@ def test_best_is_only_replaced_within_its_lineage(trained_run, tmp_path):
 
 def test_checkpoint_write_on_a_full_disk_is_one_error_and_leaves_no_temp(tmp_path):
     """The free-space check can be overtaken by other writers: the write itself fails cleanly too."""
-    from training.train import TrainingError, _atomic_save
+    from training.checkpoint import _atomic_save
+    from training.state import TrainingError
 
     with small_filesystem(tmp_path / "disk", 1 << 20) as disk:
         (disk / "latest.pt").write_bytes(b"previous")

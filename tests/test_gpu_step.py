@@ -9,7 +9,8 @@ import torch
 
 from training.config import create_training_config, model_preset
 from training.model import build_generator, train_forward
-from training.train import Averager, build_state, train_step
+from training.state import build_state
+from training.train import Averager, train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -12,7 +12,8 @@ import torch
 from training.config import Config, DataConfig, DiscriminatorConfig, OptimConfig, create_training_config
 from training.dataset import AudioDataset
 from training.discriminators import Discriminator
-from training.train import build_state, train_step
+from training.state import build_state
+from training.train import train_step
 
 
 def test_defaults_are_dacs():

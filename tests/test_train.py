@@ -14,7 +14,9 @@ import snac
 import torch
 
 from training.config import create_training_config
-from training.train import TrainingError, build_state, evaluate, load_checkpoint, train_main, train_step
+from training.checkpoint import load_checkpoint
+from training.state import TrainingError, build_state
+from training.train import evaluate, train_main, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ def user_error_types() -> Tuple[Type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from .train import TrainingError
+        from .state import TrainingError
 
         types.append(TrainingError)
     except ImportError:

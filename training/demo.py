@@ -99,7 +99,7 @@ def save_spectrograms(real: torch.Tensor, fake: torch.Tensor, path: Path, title:
     except ImportError:
         print("matplotlib is not installed: skipping the spectrogram image (pip install matplotlib)")
         return False
-    from .train import log_spectrogram_image
+    from .run_dir import log_spectrogram_image
 
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     for ax, audio, name in zip(axes, (real, fake), ("original", "reconstruction")):

@@ -1,4 +1,5 @@
-"""Loading a generator from any source (our checkpoint or run directory, a SNAC directory, a hub id) and exporting to the SNAC format."""
+"""Loading a generator from any source (our checkpoint or run directory, a SNAC directory, a hub id)
+and exporting to the SNAC format."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The inference engine: exact chunked windows from the receptive field, masked batching and keyed noise."""
+"""The inference engine: exact chunked windows from the receptive field, masked batching and keyed
+noise."""
 
 from __future__ import annotations
 

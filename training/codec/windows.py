@@ -1,4 +1,5 @@
-"""Receptive fields, window plans and batch packing for exact chunked inference, and keyed decoder noise."""
+"""Receptive fields, window plans and batch packing for exact chunked inference, and keyed decoder
+noise."""
 
 from __future__ import annotations
 

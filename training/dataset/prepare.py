@@ -1,4 +1,5 @@
-"""`python -m training.dataset prepare|list`: scan a source, write split manifests and a registry entry."""
+"""`python -m training.dataset prepare|list`: scan a source, write split manifests and a registry
+entry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Record sources: folders, LJ Speech, manifests, audiofolder, hub and saved datasets, the prepared-dataset registry."""
+"""Record sources: folders, LJ Speech, manifests, audiofolder, hub and saved datasets, the prepared-
+dataset registry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Exactly-once output state: completed shards and their id lists, atomic shard commits and the failure log."""
+"""Exactly-once output state: completed shards and their id lists, atomic shard commits and the failure
+log."""
 
 from __future__ import annotations
 

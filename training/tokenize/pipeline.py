@@ -1,4 +1,5 @@
-"""Runs one tokenize job: plans devices and pending rows, starts readers and encoders, writes results, reports progress."""
+"""Runs one tokenize job: plans devices and pending rows, starts readers and encoders, writes results,
+reports progress."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tokenizer job settings: the dataclasses, YAML/dict parsing and validation, and the command-line parser."""
+"""Tokenizer job settings: the dataclasses, YAML/dict parsing and validation, and the command-line
+parser."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Opening a tokenizer source (hub id, local dataset, folder, manifest, registry name) as rows to encode."""
+"""Opening a tokenizer source (hub id, local dataset, folder, manifest, registry name) as rows to
+encode."""
 
 from __future__ import annotations
 

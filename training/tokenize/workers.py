@@ -1,4 +1,5 @@
-"""Reader and encoder processes: decode clips, encode them in exact batches, flatten codes into token rows."""
+"""Reader and encoder processes: decode clips, encode them in exact batches, flatten codes into token
+rows."""
 
 from __future__ import annotations
 
