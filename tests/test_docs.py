@@ -215,3 +215,27 @@ def test_console_scripts_match_the_tools():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))
+
+
+def _code_map_paths() -> list:
+    """Every path named in the first column of README's "Code map" table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    paths = []
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        first = row.split("|")[1]
+        names = re.findall(r"`([^`]+)`", first)
+        folder = str(Path(names[0]).parent) if "/" in names[0] else ""
+        paths += [n if "/" in n or not folder else f"{folder}/{n}" for n in names]
+    return paths
+
+
+def test_code_map_matches_the_tree():
+    """README's code map names every module of the package (and the CLIs), and nothing that is gone."""
+    mapped = set(_code_map_paths())
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "training").rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    assert modules - mapped == set(), "modules missing from README's code map"
+    assert {p for p in mapped if not (ROOT / p).is_file()} == set(), "code map names files that do not exist"
