@@ -56,9 +56,10 @@ def _train_rows(run: Path) -> list:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/mel" in r]
 
 
-def test_resume(audio_dir, work, tmp_path):
+def test_resume(audio_dir, work, tmp_path, capsys):
     """The resumed run ends where an uninterrupted 3-step run ends, and its second call trained one step."""
     assert ex.resume(audio_dir, work)["step"] == 3
+    assert "at step 2" in capsys.readouterr().err  # the second call said where it resumed
     # Evaluation uses its own random stream, so the straight run need not evaluate where the resumed
     # one stopped (step 2).
     ex.train_main(ex.tiny_config(audio_dir, tmp_path, "straight", steps=3))
@@ -67,8 +68,11 @@ def test_resume(audio_dir, work, tmp_path):
     for part in ("generator", "discriminator"):
         for name, value in straight[part].items():
             assert torch.equal(resumed[part][name], value), f"{part}.{name}"
-    # A run that ignored the checkpoint and started over would also end equal: the log tells them apart.
-    assert [r["step"] for r in _train_rows(work / "resume_run")] == [1, 2, 3]
+    # A run that ignored the checkpoint and started over would also end equal (training is
+    # deterministic): the log tells them apart. A fresh start evaluates at step 0 again.
+    rows = [json.loads(line) for line in (work / "resume_run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/mel" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "val/mel" in r] == [0, 2, 3]
 
 
 def test_finetune(audio_dir, work):
