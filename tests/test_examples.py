@@ -52,10 +52,6 @@ def test_train_tiny(audio_dir, work):
     assert model.codebook_size == 256
 
 
-def _train_rows(run: Path) -> list:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/mel" in r]
-
-
 def test_resume(audio_dir, work, tmp_path, capsys):
     """The resumed run ends where an uninterrupted 3-step run ends, and its second call trained one step."""
     assert ex.resume(audio_dir, work)["step"] == 3
