@@ -33,6 +33,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from .errors import first_line
+
 
 class AudioReadError(Exception):
     """An audio input could not be decoded; the message names the input and the reason."""
@@ -103,7 +105,7 @@ def _torchcodec_decoder(source: Any, **kwargs: Any):
         from torchcodec.decoders import AudioDecoder
     except Exception as e:  # ImportError, or RuntimeError when FFmpeg libraries are missing
         raise AudioReadError(f"torchcodec (FFmpeg) is needed for this input but cannot load: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                             f"{first_line(e)}") from None
     return AudioDecoder(source, **kwargs)
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator, NoReturn, Tuple, Type
 
 from .config import ConfigError
+from .errors import first_line
 
 
 def user_error_types() -> Tuple[Type[BaseException], ...]:
@@ -69,7 +70,7 @@ def guard() -> Iterator[None]:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except user_error_types() as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(first_line(e))
     except OSError as e:
         fail(os_error_message(e), os_error_exit_code(e))
 

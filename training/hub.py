@@ -12,6 +12,7 @@ import snac
 import torch
 
 from .config import ConfigError, ModelConfig, _coerce, _hints
+from .errors import first_line
 from .model import build_generator
 
 
@@ -38,7 +39,7 @@ def _load_state(path: Path) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt/foreign files raise many types
-        raise ModelLoadError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ModelLoadError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def _build_loaded(cfg: ModelConfig, state: Dict[str, Any], where: str) -> snac.SNAC:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence, Tuple
 
+from ..errors import first_line
 from .pipeline import run
 from .save import UploadError
 from .settings import TokenizeError, build_parser, settings_from_args
@@ -27,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = settings_from_args(args)
         summary = run(settings)
     except _user_errors() as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except UploadError as e:
         print(f"error: {e}", file=sys.stderr)

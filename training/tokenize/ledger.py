@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from ..errors import first_line
 from .settings import TokenizeError
 
 
@@ -193,7 +194,7 @@ def shard_problem(shard: Path, sidecar: Path) -> Optional[str]:
                     return "its last line is incomplete"
                 lines += 1
     except (OSError, EOFError, zlib.error) as e:
-        return f"incomplete gzip stream: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return f"incomplete gzip stream: {first_line(e)}"
     if info is not None:
         listed = sum(b - a for runs in info.get("ids", {}).values() for a, b in runs)
         if lines != info.get("lines") or lines != listed:

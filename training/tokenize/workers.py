@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import first_line
 from .settings import TokenizeError
 from .sources import OpenSource
 
@@ -109,7 +110,7 @@ def reader_main(job: ReaderJob, audio_q: Any, result_q: Any, parent: int) -> Non
                 if job.max_seconds is not None and n > job.max_seconds * job.sample_rate:
                     raise AudioReadError(f"{n / job.sample_rate:.1f} s is longer than max_seconds={job.max_seconds}")
             except Exception as e:  # noqa: BLE001 - any bad row is a failure record, never a stop
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                reason = first_line(e)
                 _put(result_q, ("failed", {"id": f"{src.key}/{index}", "source": src.key, "index": index,
                                            "name": fields.get("name"), "reason": reason}), parent)
                 continue
@@ -191,7 +192,7 @@ class _Encoder:
             key = self.job.keys[src_no]
             _put(self.result_q, ("failed", {"id": f"{key}/{index}", "source": key, "index": index,
                                             "name": fields.get("name"),
-                                            "reason": f"encode failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}),
+                                            "reason": f"encode failed: {first_line(e)}"}),
                  self.parent)
             return
         out = []
@@ -226,7 +227,7 @@ def worker_main(job: WorkerJob, audio_q: Any, result_q: Any, parent: int) -> Non
     try:
         enc = _Encoder(job, result_q, parent)
     except Exception as e:  # noqa: BLE001 - report why this worker cannot start, then stop
-        result_q.put(("worker_error", job.worker, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        result_q.put(("worker_error", job.worker, first_line(e)))
         return
     result_q.put(("worker_ready", job.worker))
     try:

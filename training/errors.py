@@ -1,0 +1,7 @@
+"""One-line error text: what every tool prints for an exception it turns into a user message."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type name when the message is empty."""
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
