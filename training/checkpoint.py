@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import Config, to_config
+from .errors import first_line
 from .state import TrainState, TrainingError, seed_everything
 
 
@@ -106,7 +107,7 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path.name} was refused by the safe loader (not a checkpoint, or it holds "
                               "Python objects other than tensors and plain containers)") from None
     except Exception as e:  # noqa: BLE001 - zip, EOF and storage errors all mean "unreadable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"{path.name} is unreadable (truncated or damaged: {first[:120]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path.name} is not a training checkpoint (holds a {type(ckpt).__name__})")
@@ -320,7 +321,7 @@ def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
         state.opt_g.load_state_dict(ckpt["opt_g"])
         state.opt_d.load_state_dict(ckpt["opt_d"])
     except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise TrainingError(f"{path} does not fit this run ({first[:160]}); train.freeze_encoder / "
                             "freeze_quantizer must match the checkpoint, or use --no-resume") from None
     state.sched_g.load_state_dict(ckpt["sched_g"])

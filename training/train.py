@@ -189,7 +189,6 @@ def evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_ba
         return _evaluate(state, val_batches, max_batches)
 
 
-@torch.no_grad()
 def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_batches: Optional[int]) -> Dict[str, Any]:
     gen = state.generator
     was_training = gen.training

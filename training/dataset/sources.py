@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..audio import hub_token, list_audio_files
+from ..errors import first_line
 
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
@@ -347,7 +348,7 @@ def load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, *, st
 def _hub_failure_reason(e: BaseException) -> str:
     """Plain words for the ways ``load_dataset`` fails on a hub repository."""
     text = str(e).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
+    first = first_line(e)
     if "Dataset scripts are no longer supported" in text:
         script = text.rsplit("found", 1)[-1].strip() or "a loading script"
         return (f"this revision holds only a loading script ({script}), which datasets >= 4 no longer runs; "

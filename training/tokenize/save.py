@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import first_line
 from .ledger import OutputState, _atomic_json
 from .progress import Summary
 from .settings import Settings, TokenizeError
@@ -51,7 +52,7 @@ def _save_outputs(s: Settings, state: OutputState, summary: Summary) -> None:
             try:
                 ds.push_to_hub(s.hf_upload)
             except Exception as e:  # noqa: BLE001 - offline, auth, quota: one line, shards stay
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise UploadError(f"upload to {s.hf_upload} failed ({type(e).__name__}: {first}); the shards in "
                                   f"{s.out_dir} are complete - rerun the same command to retry the upload") from None
             _atomic_json(marker, {"repo": s.hf_upload, "shards": shard_names})
