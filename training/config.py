@@ -186,6 +186,26 @@ class TrainConfig:
     # ours: restart check every this many steps (the only steps that synchronise the codebook
     # bookkeeping); the first check already re-seeds every code not used yet.
     dead_code_every: int = 25
+    # ours: which codes to replace, checked every dead_code_every steps. "restart": unused by any
+    # rank for dead_code_steps steps; "usage": smoothed share of assignments below
+    # usage_threshold x the uniform share (decay usage_ema_decay per step); "none": never.
+    code_replacement: str = "restart"
+    usage_threshold: float = 0.1  # ours: fraction of the uniform share 1/codebook_size
+    usage_ema_decay: float = 0.99  # ours: per-step EMA decay of the usage shares
+    # DAC's init_weights: Conv1d biases zero ("dac"); "dac+transposed" zeroes the transposed
+    # convolutions' too; "snac" keeps PyTorch's default, which starts collapsed (model.init_generator).
+    # Applies to generators built from scratch only: loaded weights are never re-initialised.
+    generator_init: str = "dac"
+    # ours: "kmeans" sets each level's codebook from the latents of the first codebook_init_batches
+    # training batches before step 1 (codebooks.init_codebooks_from_data); "random" keeps
+    # nn.Embedding's N(0, 1) draw. Skipped when fine-tuning (init_from) or resuming.
+    codebook_init: str = "kmeans"
+    codebook_init_batches: int = 16
+    codebook_init_iters: int = 20
+    rotation_trick: bool = False  # Fifty et al. 2024: gradient through the code search by rotation
+    # ours: from this step on, an evaluation warns about every level whose validation perplexity
+    # is below 2 or whose latent mean fraction is above 0.9 (codebooks.collapse_warnings)
+    collapse_check_after: int = 1000
     max_nonfinite_steps: int = 20  # ours: consecutive skipped (NaN/Inf) steps before stopping
     init_from: Optional[str] = None  # SNAC directory, hub id or our checkpoint to fine-tune from
     freeze_encoder: bool = False
@@ -709,8 +729,17 @@ def _validate_train(t: TrainConfig) -> None:
     for name in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_last", "max_nonfinite_steps",
                  "dead_code_every"):
         _range(getattr(t, name), getattr(t, name) >= 1, f"train.{name}", ">= 1")
-    for name in ("adversarial_start_step", "dead_code_steps", "num_audio_samples", "seed"):
+    for name in ("adversarial_start_step", "dead_code_steps", "num_audio_samples", "seed", "collapse_check_after",
+                 "codebook_init_iters"):
         _range(getattr(t, name), getattr(t, name) >= 0, f"train.{name}", ">= 0")
+    _range(t.codebook_init_batches, t.codebook_init_batches >= 1, "train.codebook_init_batches", ">= 1")
+    _range(t.code_replacement, t.code_replacement in ("restart", "usage", "none"), "train.code_replacement",
+           "restart, usage or none")
+    _range(t.usage_threshold, t.usage_threshold > 0, "train.usage_threshold", "> 0 (a fraction of the uniform share)")
+    _range(t.usage_ema_decay, 0 < t.usage_ema_decay < 1, "train.usage_ema_decay", "in (0, 1)")
+    _range(t.generator_init, t.generator_init in ("dac", "dac+transposed", "snac"), "train.generator_init",
+           "dac, dac+transposed or snac")
+    _range(t.codebook_init, t.codebook_init in ("kmeans", "random"), "train.codebook_init", "kmeans or random")
     _range(t.run_dir, bool(t.run_dir), "train.run_dir", "a directory path")
 
 

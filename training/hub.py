@@ -43,7 +43,7 @@ def _load_state(path: Path) -> Dict[str, Any]:
 
 
 def _build_loaded(cfg: ModelConfig, state: Dict[str, Any], where: str) -> snac.SNAC:
-    model = build_generator(cfg)
+    model = build_generator(cfg, init=None)  # every weight is loaded next
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

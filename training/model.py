@@ -55,10 +55,54 @@ class TrainOutput(NamedTuple):
     latents: List[Tensor]
 
 
-def build_generator(cfg: ModelConfig) -> snac.SNAC:
+GENERATOR_INITS = ("dac", "dac+transposed", "snac")
+
+
+def build_generator(cfg: ModelConfig, init: Optional[str] = "dac") -> snac.SNAC:
     """A freshly initialised ``snac.SNAC`` for ``cfg`` (its Snake activations swapped for
-    :class:`Snake`, same math and state_dict keys)."""
-    return use_dtype_following_snake(snac.SNAC(**cfg.snac_kwargs()))
+    :class:`Snake`, same math and state_dict keys), initialised by :func:`init_generator`.
+
+    ``init=None`` skips the initialisation: for callers that load every weight right after.
+    """
+    model = use_dtype_following_snake(snac.SNAC(**cfg.snac_kwargs()))
+    if init is not None:
+        init_generator(model, init)
+    return model
+
+
+def init_generator(model: torch.nn.Module, init: str = "dac") -> torch.nn.Module:
+    """Initialise a from-scratch generator in place; returns ``model``.
+
+    * ``dac``: every ``Conv1d`` bias is zero, as DAC's ``init_weights`` leaves it.
+    * ``dac+transposed``: the same, and the ``ConvTranspose1d`` biases too.
+    * ``snac``: PyTorch's default initialisation, which ``snac.SNAC()`` keeps.
+
+    Why: PyTorch draws conv biases uniformly in +-1/sqrt(fan_in). Through snac's encoder those
+    offsets add up to a per-channel constant that dominates the signal (the tiny and 24 kHz
+    encoders' output is ~97 % its mean over time at step 0), so the cosine code search sees one
+    direction and sends every frame to one or two codes before training starts, and the codebook
+    loss then locks that collapse in. Zero biases leave only the input-dependent part.
+
+    DAC also draws the conv weights from a truncated normal (std 0.02), but under weight norm that
+    draw does not survive: the weight is recomputed from its magnitude ``g`` and direction ``v``
+    (set from PyTorch's default weights when weight norm was applied), so writing ``weight``
+    afterwards changes nothing. The biases are the only part of DAC's init that reaches training;
+    the weights here stay weight-normed default draws, as in DAC in practice.
+
+    Never call this on loaded weights (a checkpoint, ``init_from`` or a hub model).
+    """
+    if init not in GENERATOR_INITS:
+        raise ValueError(f"generator init must be one of {', '.join(GENERATOR_INITS)}, got {init!r}")
+    if init == "snac":
+        return model
+    kinds = (torch.nn.Conv1d, torch.nn.ConvTranspose1d) if init == "dac+transposed" else (torch.nn.Conv1d,)
+    with torch.no_grad():
+        for module in model.modules():
+            # ConvTranspose1d is not a Conv1d subclass: DAC's isinstance(m, nn.Conv1d) skips it.
+            # (Weight norm's parametrisation subclasses each conv's class, so test isinstance.)
+            if isinstance(module, kinds) and module.bias is not None:
+                module.bias.zero_()
+    return model
 
 
 class Snake(torch.nn.Module):
@@ -122,11 +166,33 @@ def codebook_stats(codes: Tensor, codebook_size: int) -> Tuple[Tensor, Tensor]:
     return usage, entropy.exp()
 
 
-def _quantize_level(vq: torch.nn.Module, residual: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def rotate_onto(z_e: Tensor, z_q: Tensor, eps: float = 1e-6) -> Tensor:
+    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+    Trick"): a gradient path from ``z_q`` back to ``z_e``, both (B, D, T), vectors along dim 1.
+
+    The forward value is ``z_q`` (up to rounding): ``z_e`` is rotated onto ``z_q``'s direction and
+    rescaled to its norm, with the rotation and the scale treated as constants. The backward pass
+    then carries the decoder's gradient through that rotation instead of copying it unchanged (the
+    straight-through estimator), so it keeps the angle between the gradient and the code vector.
+    Only the backward pass differs: codes, outputs and exports are unchanged.
+    """
+    q = z_q.detach()
+    e_norm = z_e.detach().norm(dim=1, keepdim=True).clamp_min(eps)
+    q_norm = q.norm(dim=1, keepdim=True).clamp_min(eps)
+    e_hat, q_hat = z_e.detach() / e_norm, q / q_norm
+    r = F.normalize(e_hat + q_hat, dim=1, eps=eps)
+    # R e = e - 2 r (r . e) + 2 q_hat (e_hat . e): the Householder form of the rotation e_hat -> q_hat
+    rotated = z_e - 2 * r * (r * z_e).sum(1, keepdim=True) + 2 * q_hat * (e_hat * z_e).sum(1, keepdim=True)
+    return rotated * (q_norm / e_norm)
+
+
+def _quantize_level(vq: torch.nn.Module, residual: Tensor, rotation_trick: bool = False
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One snac ``VectorQuantize`` level with its VQ losses.
 
     residual: (B, latent_dim, T). Returns ``(z_q_out (B, latent_dim, T), codes (B, T/stride),
-    z_e (B, codebook_dim, T/stride), commitment, codebook)``.
+    z_e (B, codebook_dim, T/stride), commitment, codebook)``. ``rotation_trick`` replaces the
+    straight-through gradient by :func:`rotate_onto`'s.
     """
     z = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
     z_e = vq.in_proj(z)
@@ -136,7 +202,7 @@ def _quantize_level(vq: torch.nn.Module, residual: Tensor) -> Tuple[Tensor, Tens
     commitment = F.mse_loss(z_e, z_q.detach())
     codebook = F.mse_loss(z_q, z_e.detach())
     # Straight-through: the decoder sees z_q, the encoder receives the decoder's gradient.
-    z_q = z_e + (z_q - z_e).detach()
+    z_q = rotate_onto(z_e, z_q) if rotation_trick else z_e + (z_q - z_e).detach()
     z_q = vq.out_proj(z_q)
     if vq.stride > 1:
         z_q = z_q.repeat_interleave(vq.stride, dim=-1)
@@ -168,17 +234,19 @@ def _decode(model: snac.SNAC, z_q: Tensor) -> Tensor:
         return layers[-1](layers[-2](h.float()))
 
 
-def train_forward(model: snac.SNAC, audio: Tensor, sample_rate: Optional[int] = None) -> TrainOutput:
+def train_forward(model: snac.SNAC, audio: Tensor, sample_rate: Optional[int] = None,
+                  rotation_trick: bool = False) -> TrainOutput:
     """Encode, quantize (with VQ losses) and decode ``audio`` (B, 1, T) at the model's rate.
 
     Encoder and quantizer run in fp32 even under autocast, so the codes are fp32
     ``SNAC.encode``'s; the reconstruction is float32 (see the module docstring).
+    ``rotation_trick`` changes only the gradient into the encoder (:func:`rotate_onto`).
     """
     check_audio(audio, model, sample_rate)
     length = audio.shape[-1]
     with _fp32(audio):
         z = model.encoder(pad_to_unit(model, audio.float()))
-        z_q_sum, codes, latents, commit, cbook = _quantize(model, z)
+        z_q_sum, codes, latents, commit, cbook = _quantize(model, z, rotation_trick)
     usage, perplexity = zip(*(codebook_stats(c, model.codebook_size) for c in codes))
     recon = _decode(model, z_q_sum)[..., :length]
     return TrainOutput(
@@ -192,7 +260,7 @@ def train_forward(model: snac.SNAC, audio: Tensor, sample_rate: Optional[int] = 
     )
 
 
-def _quantize(model: snac.SNAC, z: Tensor):
+def _quantize(model: snac.SNAC, z: Tensor, rotation_trick: bool = False):
     """Residual VQ over every level of ``model`` on encoder output ``z`` (B, latent, T').
 
     Returns ``(z_q sum (B, latent, T'), codes, detached z_e latents, commitment losses, codebook
@@ -202,7 +270,7 @@ def _quantize(model: snac.SNAC, z: Tensor):
     residual = z
     codes, latents, commit, cbook = [], [], [], []
     for vq in model.quantizer.quantizers:
-        z_q, c, z_e, lc, lb = _quantize_level(vq, residual)
+        z_q, c, z_e, lc, lb = _quantize_level(vq, residual, rotation_trick)
         z_q_sum = z_q_sum + z_q
         residual = residual - z_q
         codes.append(c)
@@ -277,11 +345,19 @@ class DeadCodeRestarter:
         self.write_pos[level] = (pos + n) % len(buf)
         self.filled[level] = min(len(buf), self.filled[level] + n)
 
-    def _restart_level(self, level: int, step: int) -> int:
+    def _dead_codes(self, level: int, step: int) -> Tensor:
+        """Indices of the codes to replace at this check (the same on every rank)."""
         last_used = self.last_used[level]
         if _distributed():
             dist.all_reduce(last_used, op=dist.ReduceOp.MAX)  # dead = unused on every rank
-        dead = ((step - last_used) >= self.threshold).nonzero().squeeze(1)
+        return ((step - last_used) >= self.threshold).nonzero().squeeze(1)
+
+    def _mark_replaced(self, level: int, codes: Tensor, step: int) -> None:
+        """Give the replaced ``codes`` a fresh start in the usage record."""
+        self.last_used[level][codes] = step
+
+    def _restart_level(self, level: int, step: int) -> int:
+        dead = self._dead_codes(level, step)
         candidates = _gather_rows(self.buffers[level][:self.filled[level]])
         n = min(len(dead), len(candidates))  # host sync: only here, at a check step
         if n == 0:
@@ -294,7 +370,7 @@ class DeadCodeRestarter:
         noise = torch.randn(new.shape, generator=self.generator).to(new.device)
         weight = self.model.quantizer.quantizers[level].codebook.weight
         weight.data[dead] = (new + self.noise * scale * noise).to(weight.dtype)
-        last_used[dead] = step
+        self._mark_replaced(level, dead, step)
         self.total_restarted[level] += n
         return n
 

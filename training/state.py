@@ -22,6 +22,7 @@ from .config import Config, ConfigError
 from .discriminators import Discriminator
 from .hub import load_generator
 from .losses import GeneratorLoss
+from .codebooks import build_replacer
 from .model import DeadCodeRestarter, TrainOutput, build_generator, train_forward
 
 
@@ -32,12 +33,13 @@ class TrainingError(RuntimeError):
 class TrainingGenerator(nn.Module):
     """``snac.SNAC`` whose ``forward`` is :func:`train_forward`, so DDP can wrap it."""
 
-    def __init__(self, generator: snac.SNAC):
+    def __init__(self, generator: snac.SNAC, rotation_trick: bool = False):
         super().__init__()
         self.generator = generator
+        self.rotation_trick = rotation_trick
 
     def forward(self, audio: Tensor) -> TrainOutput:
-        return train_forward(self.generator, audio)
+        return train_forward(self.generator, audio, rotation_trick=self.rotation_trick)
 
 
 @dataclass
@@ -158,7 +160,7 @@ def setup_models(cfg: Config, device: torch.device) -> Tuple[snac.SNAC, Discrimi
             cfg.model = loaded
         generator.train()
     else:
-        generator = build_generator(cfg.model)
+        generator = build_generator(cfg.model, init=cfg.train.generator_init)
     frozen = []
     if cfg.train.freeze_encoder:
         frozen.append(generator.encoder)
@@ -204,7 +206,7 @@ def build_state(cfg: Config, device: torch.device, rank: int = 0, world_size: in
     if device.type == "cuda":
         # Fixed crop length and batch: the autotuned convolution algorithms are reused every step.
         torch.backends.cudnn.benchmark = True
-    gen_step: nn.Module = TrainingGenerator(generator)
+    gen_step: nn.Module = TrainingGenerator(generator, cfg.train.rotation_trick)
     disc_step: nn.Module = discriminator
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -217,8 +219,10 @@ def build_state(cfg: Config, device: torch.device, rank: int = 0, world_size: in
     if cfg.train.compile:
         gen_step, disc_step = torch.compile(gen_step), torch.compile(disc_step)
         disc_gen = disc_step if world_size == 1 else torch.compile(discriminator)
-    restarter = DeadCodeRestarter(generator, cfg.train.dead_code_steps, cfg.train.dead_code_every, seed=cfg.train.seed) \
-        if cfg.train.dead_code_steps > 0 and not cfg.train.freeze_quantizer else None
+    t = cfg.train
+    restarter = None if t.freeze_quantizer else build_replacer(
+        generator, t.code_replacement, dead_code_steps=t.dead_code_steps, every=t.dead_code_every,
+        threshold=t.usage_threshold, decay=t.usage_ema_decay, seed=t.seed)
     return TrainState(cfg=cfg, device=device, generator=generator, discriminator=discriminator,
                       gen_step=gen_step, disc_step=disc_step, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
                       sched_d=sched_d, loss_fn=GeneratorLoss(cfg.loss, cfg.model.sampling_rate).to(device),

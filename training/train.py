@@ -37,6 +37,7 @@ from .checkpoint import (
     ResumePoint, adopt_best, checkpoint_dir, gather_rng_states, load_checkpoint, read_checkpoint,
     save_checkpoint,
 )
+from .codebooks import VQHealth, collapse_warnings, init_codebooks_from_data
 from .config import Config, to_config
 from .hub import export_snac
 from .losses import discriminator_loss
@@ -195,6 +196,7 @@ def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_b
     gen.eval()
     sums = {"mel": 0.0, "stft": 0.0, "si_sdr": 0.0}
     count, codes_per_level, samples = 0, None, None
+    health = VQHealth(state.cfg.model.codebook_size)
     for i, batch in enumerate(val_batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -206,6 +208,7 @@ def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_b
         sums["stft"] += float(state.loss_fn.stft_loss(real, fake)) * b
         sums["si_sdr"] += float(si_sdr(real, fake).sum())
         count += b
+        health.add(out.codes, out.latents)
         codes_per_level = [c.reshape(-1).cpu() for c in out.codes] if codes_per_level is None else \
             [torch.cat([a, c.reshape(-1).cpu()]) for a, c in zip(codes_per_level, out.codes)]
         if samples is None:
@@ -218,6 +221,7 @@ def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_b
         usage, perplexity = codebook_stats(codes, state.cfg.model.codebook_size)
         result[f"val/codebook_usage_level{level}"] = float(usage)
         result[f"val/codebook_perplexity_level{level}"] = float(perplexity)
+    result.update(health.summary("val/"))
     result["samples"] = samples
     return result
 
@@ -278,6 +282,9 @@ def _run_eval(state: TrainState, val_batches, logger: RunLogger, loader) -> Opti
     logger.scalars(state.step, result)
     logger.samples(state.step, real, fake, state.cfg.model.sampling_rate, state.cfg.train.num_audio_samples)
     mel = result["val/mel"]
+    if state.step >= state.cfg.train.collapse_check_after:
+        for line in collapse_warnings(result):
+            print(f"warning: step {state.step}: {line}", file=sys.stderr)
     if mel < state.best_mel:
         state.best_mel = mel
         save_checkpoint(state, loader, tags=("best",), numbered=False)
@@ -317,6 +324,24 @@ def _setup_dataset_checked(cfg: Config, rank: int, world: int):
     return loader, val_batches
 
 
+def _wants_codebook_init(cfg: Config) -> bool:
+    """k-means codebooks for a fresh from-scratch run only: a resumed run has its codebooks in
+    the checkpoint, and a fine-tune keeps the pretrained ones (and so its tokens)."""
+    t = cfg.train
+    return t.codebook_init == "kmeans" and not t.init_from and not t.freeze_quantizer
+
+
+def _init_codebooks(state: TrainState, loader) -> str:
+    """Set the codebooks from the first ``codebook_init_batches`` training batches (every rank
+    its own; see :func:`init_codebooks_from_data`). The batches are consumed: training goes on
+    with the next ones, and the loader's position is in every checkpoint, so resume is exact."""
+    t = state.cfg.train
+    batches = [next(loader)["audio"].to(state.device) for _ in range(t.codebook_init_batches)]
+    counts = init_codebooks_from_data(state.generator, batches, iters=t.codebook_init_iters, seed=t.seed)
+    return (f"codebooks initialised by k-means on {', '.join(map(str, counts))} latents per level "
+            f"({t.codebook_init_batches} batches per rank)")
+
+
 def train_main(config) -> Dict[str, Any]:
     """Train until ``train.max_steps``; resume from the newest readable checkpoint in
     ``<run_dir>/checkpoints`` (``latest.pt`` normally) when there is one.
@@ -346,6 +371,8 @@ def train_main(config) -> Dict[str, Any]:
         load_checkpoint(state, point.ckpt, loader, source=point.path)
         notes.append(point.describe())
         point = None  # drop the loaded tensors
+    elif _wants_codebook_init(cfg):
+        notes.append(_init_codebooks(state, loader))
     if rank == 0:
         best_note = adopt_best(state)
         notes += [best_note] if best_note else []
