@@ -54,10 +54,10 @@ def kmeans_codebook(rows: Tensor, k: int, iters: int, generator: torch.Generator
         raise ValueError("k-means needs at least one latent vector")
     rows = rows.float()
     dirs = F.normalize(rows, dim=1)
-    first = torch.randperm(n, generator=generator)[:k]
-    if n < k:
-        first = torch.cat([first, torch.randint(n, (k - n,), generator=generator)])
-    centers = dirs[first.to(rows.device)]
+    if n >= k:
+        centers = dirs[_kmeans_plus_plus(dirs.cpu(), k, generator).to(rows.device)]
+    else:  # every row is a centre; the rest start as noisy copies
+        centers = torch.cat([dirs, F.normalize(_random_rows(dirs, k - n, generator, noise), dim=1)])
     for _ in range(iters):
         assign = (dirs @ centers.T).argmax(1)
         sums = torch.zeros(k, dim, device=rows.device).index_add_(0, assign, dirs)
@@ -69,6 +69,21 @@ def kmeans_codebook(rows: Tensor, k: int, iters: int, generator: torch.Generator
     counts = torch.zeros(k, device=rows.device).index_add_(0, assign, torch.ones(n, device=rows.device))
     means = sums / counts.clamp_min(1)[:, None]
     return torch.where((counts == 0)[:, None], _random_rows(rows, k, generator, noise), means)
+
+
+def _kmeans_plus_plus(dirs: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding on unit vectors (CPU): each next centre is drawn with probability
+    proportional to its cosine distance from the nearest centre so far, so centres spread over
+    the clusters instead of several starting in one. Returns ``k`` row indices."""
+    n = len(dirs)
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    distance = torch.full((n,), float("inf"))
+    for _ in range(k - 1):
+        distance = torch.minimum(distance, (1 - dirs @ dirs[chosen[-1]]).clamp_min(0))
+        total = float(distance.sum())
+        weights = distance / total if total > 0 else torch.full((n,), 1.0 / n)
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+    return torch.tensor(chosen)
 
 
 def _random_rows(rows: Tensor, k: int, generator: torch.Generator, noise: float) -> Tensor:

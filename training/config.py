@@ -160,6 +160,9 @@ class OptimConfig:
     eps: float = 1e-8  # torch default
     weight_decay: float = 0.01  # torch AdamW default (DAC does not change it)
     lr_decay: float = 0.999994  # paper: ExponentialLR gamma, per step, both networks
+    # ours: linear warm-up from lr / warmup_steps to lr over the first steps (the paper has none;
+    # 0 = none). Short high-lr runs spike without it (TRAINING_GUIDE.md, "Short runs").
+    warmup_steps: int = 0
     # DAC scripts/train.py clip_grad_norm_(generator, 1e3) / (discriminator, 10.0); None = no clip
     # (the SNAC paper's "no clipping").
     grad_clip_generator: Optional[float] = 1e3
@@ -716,6 +719,7 @@ def _validate_optim(o: OptimConfig) -> None:
     _each(o.betas, lambda b: 0 <= b < 1, "optim.betas", "two numbers in [0, 1)")
     _range(o.eps, o.eps > 0, "optim.eps", "> 0")
     _range(o.weight_decay, o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+    _range(o.warmup_steps, o.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
     _range(o.lr_decay, 0 < o.lr_decay <= 1, "optim.lr_decay", "in (0, 1] (per-step factor; 1 = constant)")
     # clip_grad_norm_ with a negative limit flips every gradient: the model would train backwards.
     for name in ("grad_clip_generator", "grad_clip_discriminator"):

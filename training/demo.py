@@ -67,10 +67,10 @@ def write_corpus(folder: Path, clips: int, seed: int = 0) -> Path:
     return folder
 
 
-def demo_config(out: Path, steps: int):
+def demo_config(out: Path, steps: int, seed: int = 0, overrides=None):
     from .config import create_training_config
 
-    return create_training_config(
+    cfg = create_training_config(
         preset="tiny", dataset_path=str(out / "corpus"), batch_size=4,
         overrides={
             # 12 held-out clips x 2 s: enough level-0 frames (12 x 24) that codebook usage can be measured
@@ -86,7 +86,30 @@ def demo_config(out: Path, steps: int):
             # a random init uses only a few of the 256 codes: every 10 steps, re-seed the codes
             # unused since the last check from the latents seen since then
             "train.dead_code_steps": 10, "train.dead_code_every": 10,
+            "train.seed": seed, "data.seed": seed,
+            # a 300-step run is all warm-up: warn about collapsed levels from the middle on
+            "train.collapse_check_after": steps // 2,
         })
+    if overrides:
+        from .config import apply_overrides
+
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def frame_energy_db(audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, frame_ms: float = 10.0) -> torch.Tensor:
+    """(T,) audio -> (frames,) energy in dB of non-overlapping ``frame_ms`` frames."""
+    n = int(sample_rate * frame_ms / 1000)
+    frames = audio[: len(audio) // n * n].reshape(-1, n)
+    return 10 * torch.log10(frames.pow(2).mean(1) + 1e-10)
+
+
+def envelope_correlation(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Pearson correlation of the 10 ms frame energies (dB) of two (T,) signals: 1.0 when the
+    reconstruction rises and falls with the input (syllables, pauses), ~0 for stationary noise."""
+    a, b = frame_energy_db(real.double()), frame_energy_db(fake.double())
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
 def save_spectrograms(real: torch.Tensor, fake: torch.Tensor, path: Path, title: str) -> bool:
@@ -131,14 +154,39 @@ def usage_line(row) -> str:
                      f"(perplexity {row[f'val/codebook_perplexity_level{i}']:.1f})" for i in levels)
 
 
+def health_line(row) -> str:
+    """``level 0: 120 distinct codes, entropy 0.47, mean fraction 0.05; ...`` from one validation row."""
+    levels = sorted(int(k[len("val/codebook_distinct_level"):]) for k in row if k.startswith("val/codebook_distinct_level"))
+    return "; ".join(f"level {i}: {row[f'val/codebook_distinct_level{i}']:.0f} distinct codes, normalised perplexity "
+                     f"{row[f'val/codebook_entropy_level{i}']:.2f}, latent mean fraction "
+                     f"{row[f'val/latent_mean_fraction_level{i}']:.2f}" for i in levels)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_run", help="output folder (recreated on every run)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--clips", type=int, default=64, help="generated clips, 12 of them held out (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="training and data-order seed (default 0); the corpus is fixed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for training (default: PyTorch's choice, OMP_NUM_THREADS)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the demo recipe (repeatable), e.g. --set optim.lr=1e-3")
     args = p.parse_args(argv)
     if args.clips < 12 or args.steps < 1:
         p.error("--clips must be >= 12 and --steps >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .config import ConfigError
+
+    try:
+        cfg = demo_config(Path(args.out), args.steps, args.seed, args.set)
+    except ConfigError as e:
+        p.error(str(e))
     out = Path(args.out)
     if (out / "run").exists():
         shutil.rmtree(out / "run")  # the demo's own previous output, never user data
@@ -150,7 +198,6 @@ def main(argv=None) -> int:
     from .hub import load_generator
     from .train import train_main
 
-    cfg = demo_config(out, args.steps)
     summary = train_main(cfg)
     curve = val_curve(out / "run")
     (start_step, start), (end_step, end) = curve[0], curve[-1]
@@ -159,10 +206,15 @@ def main(argv=None) -> int:
     from .dataset import build_dataloaders
 
     _, val = build_dataloaders(cfg)
-    real = val[0]["audio"][:1]
     model, _ = load_generator(summary["export_dir"])
-    with torch.no_grad():
-        fake = train_forward(model, real).audio
+    torch.manual_seed(cfg.train.seed)  # the decoder's noise: same seed, same reconstruction
+    correlations = []
+    for batch in val:
+        with torch.no_grad():
+            fakes = train_forward(model, batch["audio"]).audio
+        correlations += [envelope_correlation(r[0], f[0]) for r, f in zip(batch["audio"], fakes)]
+        if len(correlations) == len(batch["audio"]):
+            real, fake = batch["audio"][:1], fakes[:1]
     save_audio(out / "heldout_original.wav", real[0], SAMPLE_RATE)
     save_audio(out / "heldout_reconstruction.wav", fake[0].clamp(-1, 1), SAMPLE_RATE)
     title = f"held-out clip, step {end_step}: validation mel distance {start:.3f} -> {end:.3f}"
@@ -173,6 +225,14 @@ def main(argv=None) -> int:
           f"({100 * (1 - end / start):.0f}% lower)")
     last = val_rows(out / "run")[-1]
     print(f"held-out codebook usage at step {end_step}: {usage_line(last)}; SI-SDR {last['val/si_sdr']:.1f} dB")
+    print(f"held-out VQ health at step {end_step}: {health_line(last)}")
+    print(f"frame-energy envelope correlation, reconstruction vs input, {len(correlations)} held-out clips: "
+          f"min {min(correlations):.3f}, mean {sum(correlations) / len(correlations):.3f} "
+          f"(1.0: the reconstruction follows every syllable and pause; ~0: stationary noise)")
+    (out / "summary.json").write_text(json.dumps({
+        "seed": args.seed, "threads": torch.get_num_threads(), "steps": end_step, "val_mel_start": start,
+        "val_mel_end": end, "envelope_correlation": correlations,
+        "val": {k: v for k, v in last.items() if k.startswith("val/")}}, indent=2))
     print(f"wrote {out / 'heldout_reconstruction.wav'}, {out / 'spectrogram.png'}, exported model "
           f"{summary['export_dir']}, TensorBoard logs in {out / 'run' / 'logs'}")
     return 0 if end < start else 1

@@ -188,9 +188,15 @@ def setup_optimizers(cfg: Config, generator: nn.Module, discriminator: nn.Module
         raise ConfigError("every generator parameter is frozen: unset train.freeze_encoder/freeze_quantizer")
     opt_g = _adamw(gen_params, cfg, device)
     opt_d = _adamw(discriminator.parameters(), cfg, device)
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.optim.lr_decay)
-    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.optim.lr_decay)
+    sched_g, sched_d = (_schedule(opt, cfg.optim.warmup_steps, cfg.optim.lr_decay) for opt in (opt_g, opt_d))
     return opt_g, opt_d, sched_g, sched_d
+
+
+def _schedule(opt: torch.optim.Optimizer, warmup: int, decay: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step exponential decay (the paper's), after a linear warm-up of ``warmup`` steps when set."""
+    if warmup <= 0:
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * decay ** step)
 
 
 def setup_dataset(cfg: Config, rank: int = 0, world_size: int = 1):
