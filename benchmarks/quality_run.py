@@ -3,23 +3,27 @@
 held-out clips that no arm ever trained on.
 
     python benchmarks/quality_run.py [--data tests/data/ljspeech-mini] [--steps 300] [--preset tiny]
-                                     [--arms a,b,c,d] [--heldout 6] [--parallel 2] [--out runs/quality]
+                                     [--arms a,b,c,d,e,f] [--heldout 6] [--parallel 2] [--out runs/quality]
 
 The audio files of ``--data`` (searched recursively, sorted by name) are split once: the last
 ``--heldout`` files go to ``<out>/data/validation``, the rest to ``<out>/data/train`` (symbolic
 links). Each arm trains through the real CLI (``train_snac.py``) with ``data.split=train`` and
 ``data.val_split=validation``, so its validation curve is on the held-out clips too.
 
-Arms:
+Arms (each isolates one change of the recipe against (a)):
 
-* ``a``  the defaults (DAC-faithful: discriminator input preprocessing, loudness -16 dB, clipping
-         1e3 / 10, trained codebooks with dead-code restart, mel + STFT losses)
-* ``b``  what a trainer built on ``snac``'s own forward gets: frozen codebooks (commitment =
-         codebook = 0, no restart), mel 15, STFT 15 (5 for the first 500 steps: trained as two
-         legs, the second resuming the first), adversarial 1, feature matching 2, generator
-         clipped at 1.0, discriminator unclipped, raw discriminator input, no loudness norm
-* ``c``  the defaults without dead-code restart
-* ``d``  the defaults without the STFT loss
+* ``a``  the defaults: DAC's initialisation (zero conv biases), k-means codebooks from the first
+         batches, trained codebooks with dead-code restart, DAC-faithful discriminator input,
+         loudness -16 dB, clipping 1e3 / 10, mel + STFT losses
+* ``b``  what a trainer built on ``snac``'s own forward gets: ``snac.SNAC()``'s default init,
+         random frozen codebooks (commitment = codebook = 0, no replacement), mel 15, STFT 15 (5
+         for the first 500 steps: trained as two legs, the second resuming the first),
+         adversarial 1, feature matching 2, generator clipped at 1.0, discriminator unclipped,
+         raw discriminator input, no loudness norm
+* ``c``  the defaults with ``snac.SNAC()``'s default initialisation (PyTorch's conv biases)
+* ``d``  the defaults without data-driven codebooks (``nn.Embedding``'s random N(0, 1) codes)
+* ``e``  the defaults with the other replacement rule (usage EMA <-> dead-code restart)
+* ``f``  the defaults with the rotation trick instead of the straight-through gradient
 
 After training, every arm's final generator encodes and decodes each held-out clip whole; the
 script writes ``<out>/quality.md`` (one table: multi-scale mel distance, STFT distance, SI-SDR,
@@ -43,14 +47,23 @@ sys.path.insert(0, str(ROOT))
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 STFT_WARMUP_STEPS = 500  # arm b: STFT weight 5 for these steps, then 15
-ARM_NAMES = {"a": "defaults", "b": "snac-forward baseline", "c": "defaults, no restart", "d": "defaults, no STFT loss"}
+from training.config import TrainConfig  # noqa: E402 - after the path insert
+
+# arm e: the replacement rule that is not the default one
+OTHER_RULE = "restart" if TrainConfig.code_replacement == "usage" else "usage"
+ARM_NAMES = {"a": "defaults", "b": "snac-forward baseline", "c": "defaults, snac's default init",
+             "d": "defaults, random codebooks", "e": f"defaults, {OTHER_RULE} replacement",
+             "f": "defaults, rotation trick"}
 ARMS: Dict[str, List[str]] = {
     "a": [],
-    "b": ["loss.commitment=0", "loss.codebook=0", "train.dead_code_steps=0", "loss.mel=15", "loss.adversarial=1",
+    "b": ["train.generator_init=snac", "train.codebook_init=random", "loss.commitment=0", "loss.codebook=0",
+          "train.code_replacement=null", "train.dead_code_steps=0", "loss.mel=15", "loss.adversarial=1",
           "loss.feature_matching=2", "optim.grad_clip_generator=1.0", "optim.grad_clip_discriminator=null",
           "discriminator.preprocess=false", "data.loudness_db=null"],
-    "c": ["train.dead_code_steps=0"],
-    "d": ["loss.stft=0"],
+    "c": ["train.generator_init=snac"],
+    "d": ["train.codebook_init=random"],
+    "e": [f"train.code_replacement={OTHER_RULE}"],
+    "f": ["train.rotation_trick=true"],
 }
 
 
@@ -240,7 +253,7 @@ def parse_args(argv=None):
                    help="folder of audio files (default: the repository's ljspeech-mini)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output folder (default runs/quality)")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny; 24khz for the real run)")
-    p.add_argument("--arms", default="a,b,c,d", help="comma-separated arms out of a,b,c,d (default all)")
+    p.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated arms out of a..f (default all)")
     p.add_argument("--steps", type=int, default=300, help="training steps per arm (default 300)")
     p.add_argument("--eval_every", type=int, default=100, help="validation interval in steps (default 100)")
     p.add_argument("--batch_size", type=int, default=4, help="clips per step (default 4)")

@@ -191,3 +191,18 @@ def test_unreadable_config_files_are_one_line(tmp_path):
     folder.mkdir()
     with pytest.raises(ConfigError, match="not found"):
         load_config(folder)
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-3` as a string; the config reads it as the number it spells."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  lr_decay: 9.9e-1\nloss:\n  mel: 1.5e1\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 0.001 and cfg.optim.lr_decay == 0.99 and cfg.loss.mel == 15.0
+    assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_override_says_must_be_a_finite_number(text):
+    with pytest.raises(ConfigError, match=r"config key 'optim\.lr' must be a finite number"):
+        create_training_config(preset="tiny", overrides=[f"optim.lr={text}"])

@@ -46,6 +46,8 @@ def test_two_arms_train_and_are_scored_on_held_out_clips(tmp_path, ljspeech_dir)
     # arm b's config is the snac-forward baseline: frozen codebooks, no restart, STFT 5 early
     cfg_b = (out / "b" / "config.yaml").read_text()
     assert "commitment: 0.0" in cfg_b and "dead_code_steps: 0" in cfg_b and "stft: 5.0" in cfg_b
+    assert "generator_init: snac" in cfg_b and "codebook_init: random" in cfg_b and "code_replacement: null" in cfg_b
+    assert "generator_init: dac" in (out / "a" / "config.yaml").read_text()
 
 
 def test_bad_arm_is_one_line_error(tmp_path):

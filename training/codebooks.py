@@ -177,9 +177,9 @@ class UsageReplacer(DeadCodeRestarter):
         self.observed = int(state["observed"])
 
 
-def build_replacer(model: snac.SNAC, rule: str, *, dead_code_steps: int, every: int, threshold: float,
+def build_replacer(model: snac.SNAC, rule: Optional[str], *, dead_code_steps: int, every: int, threshold: float,
                    decay: float, seed: int) -> Optional[DeadCodeRestarter]:
-    """The code-replacement rule ``rule`` (``restart``, ``usage`` or ``none``) for ``model``."""
+    """The code-replacement rule ``rule`` (``restart``, ``usage``, or None for none) for ``model``."""
     if rule == "usage":
         return UsageReplacer(model, threshold=threshold, decay=decay, every=every, seed=seed)
     if rule == "restart" and dead_code_steps > 0:

@@ -191,8 +191,8 @@ class TrainConfig:
     dead_code_every: int = 25
     # ours: which codes to replace, checked every dead_code_every steps. "restart": unused by any
     # rank for dead_code_steps steps; "usage": smoothed share of assignments below
-    # usage_threshold x the uniform share (decay usage_ema_decay per step); "none": never.
-    code_replacement: str = "restart"
+    # usage_threshold x the uniform share (decay usage_ema_decay per step); null: never.
+    code_replacement: Optional[str] = "restart"
     usage_threshold: float = 0.1  # ours: fraction of the uniform share 1/codebook_size
     usage_ema_decay: float = 0.99  # ours: per-step EMA decay of the usage shares
     # DAC's init_weights: Conv1d biases zero ("dac"); "dac+transposed" zeroes the transposed
@@ -591,10 +591,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        number = _float_text(value)
+        if number is not None:
+            # YAML 1.1 (PyYAML) reads `lr: 1e-3` as the string "1e-3": a number written that way is one.
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _float_text(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a string spelling a number (``1e-3``, ``nan``), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return float(value.strip())
+    except ValueError:
+        return None
 
 
 def validate(cfg: Config) -> None:
@@ -737,8 +753,8 @@ def _validate_train(t: TrainConfig) -> None:
                  "codebook_init_iters"):
         _range(getattr(t, name), getattr(t, name) >= 0, f"train.{name}", ">= 0")
     _range(t.codebook_init_batches, t.codebook_init_batches >= 1, "train.codebook_init_batches", ">= 1")
-    _range(t.code_replacement, t.code_replacement in ("restart", "usage", "none"), "train.code_replacement",
-           "restart, usage or none")
+    _range(t.code_replacement, t.code_replacement in ("restart", "usage", None), "train.code_replacement",
+           "restart, usage or null (no replacement)")
     _range(t.usage_threshold, t.usage_threshold > 0, "train.usage_threshold", "> 0 (a fraction of the uniform share)")
     _range(t.usage_ema_decay, 0 < t.usage_ema_decay < 1, "train.usage_ema_decay", "in (0, 1)")
     _range(t.generator_init, t.generator_init in ("dac", "dac+transposed", "snac"), "train.generator_init",

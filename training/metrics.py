@@ -191,7 +191,10 @@ def stoi_score(reference: Tensor, estimate: Tensor, sample_rate: int, extended: 
     for ref, est in zip(_items(reference), _items(estimate)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            score = stoi(ref, est, sample_rate, extended=extended)
+            try:
+                score = stoi(ref, est, sample_rate, extended=extended)
+            except (IndexError, ValueError):  # shorter than one of its frames: pystoi fails inside
+                return None
         if any("Not enough STFT frames" in str(w.message) for w in caught):
             return None
         scores.append(score)
