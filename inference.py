@@ -58,6 +58,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _io_args(p: argparse.ArgumentParser, inp: str, out: str) -> None:
     p.add_argument("--input", "-i", required=True, metavar="PATH", help=inp)
     p.add_argument("--output", "-o", required=True, metavar="PATH", help=out)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (default: refuse, before any work)")
 
 
 def _roundtrip_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +163,10 @@ def _plan(args: argparse.Namespace, suffixes: Optional[tuple], out_suffix: str):
     check_writable(out, "--output-folder" if root is not None else "--output")
     outputs = output_paths(inputs, root, out, out_suffix)
     refuse_overwriting_inputs(inputs, outputs)
+    existing = [o for o in outputs if o.exists()]
+    if existing and not args.overwrite:
+        more = f" (and {len(existing) - 1} more of the {len(outputs)} outputs)" if len(existing) > 1 else ""
+        raise UsageError(f"--output: {existing[0]} already exists{more}; pass --overwrite to replace it")
     return inputs, outputs, root is not None
 
 

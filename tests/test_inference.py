@@ -196,3 +196,19 @@ def test_help_documents_every_flag():
                 assert flag in text, (command, flag)
             assert action.help, (command, action.option_strings)
     assert "compression ratio" in top and "16-bit PCM" in top
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_ckpt, clips, tmp_path):
+    """An existing, unrelated file at --output is kept byte for byte: one line, exit 2; with
+    --overwrite it is replaced."""
+    wav = sorted(clips.glob("*.wav"))[0]
+    for command, name in (("encode", "codes.npz"), ("roundtrip", "out.wav")):
+        out = tmp_path / name
+        out.write_bytes(b"someone else's file")
+        r = run(command, "--checkpoint", tiny_ckpt[0], "--input", wav, "--output", out, "--no-metrics"
+                if command == "roundtrip" else "--quiet", check_rc=2)
+        assert r.stderr.count("\n") == 1 and "already exists" in r.stderr and "--overwrite" in r.stderr, r.stderr
+        assert out.read_bytes() == b"someone else's file"
+        run(command, "--checkpoint", tiny_ckpt[0], "--input", wav, "--output", out, "--overwrite",
+            "--no-metrics" if command == "roundtrip" else "--quiet")
+        assert out.read_bytes() != b"someone else's file"
