@@ -121,10 +121,17 @@ def train_command(arm: str, args, max_steps: int, stft: float = None, fresh: boo
     return cmd
 
 
+SHORT_ARMS = ("d", "e", "f")  # the single-change ablations: --short_steps when given
+
+
+def arm_steps(arm: str, args) -> int:
+    return args.short_steps if args.short_steps and arm in SHORT_ARMS else args.steps
+
+
 def arm_legs(arm: str, args) -> List[List[str]]:
     """The commands that train one arm, run in order (arm b's STFT weight changes at step 500)."""
     if arm != "b":
-        return [train_command(arm, args, args.steps)]
+        return [train_command(arm, args, arm_steps(arm, args))]
     first = min(args.steps, STFT_WARMUP_STEPS)
     legs = [train_command(arm, args, first, stft=5.0)]
     if args.steps > first:
@@ -210,15 +217,19 @@ def validation_curves(run_dir: Path) -> List[Dict[str, float]]:
 # --------------------------------------------------------------------------------------
 
 
-def table(results: Dict[str, Dict[str, float]], levels: int) -> str:
-    head = ["arm", "mel dist", "STFT dist", "SI-SDR dB", "PESQ", "STOI"]
+def table(results: Dict[str, Dict[str, float]], levels: int, args) -> str:
+    head = ["arm", "steps", "mel dist", "STFT dist", "SI-SDR dB", "PESQ", "STOI"]
     head += [f"usage L{i}" for i in range(levels)] + [f"perplexity L{i}" for i in range(levels)]
+    if args.short_steps:
+        head.append(f"val mel @ {args.short_steps}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, r in results.items():
-        cells = [f"({arm}) {ARM_NAMES[arm]}", f"{r['mel']:.3f}", f"{r['stft']:.3f}", f"{r['si_sdr']:.1f}",
-                 f"{r['pesq']:.2f}", f"{r['stoi']:.3f}"]
+        cells = [f"({arm}) {ARM_NAMES[arm]}", str(arm_steps(arm, args)), f"{r['mel']:.3f}", f"{r['stft']:.3f}",
+                 f"{r['si_sdr']:.1f}", f"{r['pesq']:.2f}", f"{r['stoi']:.3f}"]
         cells += [f"{100 * r[f'usage{i}']:.0f}%" for i in range(levels)]
         cells += [f"{r[f'perplexity{i}']:.1f}" for i in range(levels)]
+        if args.short_steps:
+            cells.append(f"{r['val_mel_short']:.3f}" if r.get("val_mel_short") is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -255,6 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny", help="model preset (default tiny; 24khz for the real run)")
     p.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated arms out of a..f (default all)")
     p.add_argument("--steps", type=int, default=300, help="training steps per arm (default 300)")
+    p.add_argument("--short_steps", type=int, default=None,
+                   help="training steps of the single-change arms d, e, f (default: --steps); the table's "
+                        "'val mel @ N' column compares every arm at this step")
     p.add_argument("--eval_every", type=int, default=100, help="validation interval in steps (default 100)")
     p.add_argument("--batch_size", type=int, default=4, help="clips per step (default 4)")
     p.add_argument("--segment", type=float, default=0.34, help="training crop in seconds (default 0.34)")
@@ -272,6 +286,10 @@ def parse_args(argv=None):
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or not args.arms:
         p.error(f"--arms takes a comma-separated subset of {sorted(ARMS)}, got {unknown or 'nothing'}")
+    if args.short_steps is not None and not 1 <= args.short_steps <= args.steps:
+        p.error("--short_steps must be between 1 and --steps")
+    if args.short_steps and args.short_steps % args.eval_every:
+        p.error("--short_steps must be a multiple of --eval_every (the arms are compared at that step)")
     if args.steps < 1 or args.eval_every < 1 or args.heldout < 1 or args.parallel < 1:
         p.error("--steps, --eval_every, --heldout and --parallel must be at least 1")
     if not args.data.is_dir():
@@ -296,12 +314,16 @@ def main(argv=None) -> int:
     for arm in args.arms:
         results[arm] = evaluate_arm(args.out / arm, parts["validation"])
         curves[arm] = validation_curves(args.out / arm)
+        at = [r["val/mel"] for r in curves[arm] if r["step"] == args.short_steps]
+        results[arm]["val_mel_short"] = at[-1] if at else None
     levels = sum(1 for k in results[args.arms[0]] if k.startswith("usage"))
-    text = (f"{args.preset} preset, {args.steps} steps per arm, batch {args.batch_size} x {args.segment} s, "
+    steps = f"{args.steps} steps per arm" + (f" ({args.short_steps} for arms {', '.join(SHORT_ARMS)})"
+                                             if args.short_steps else "")
+    text = (f"{args.preset} preset, {steps}, batch {args.batch_size} x {args.segment} s, "
             f"lr {args.lr}, device {args.device}; {len(parts['validation'])} held-out files scored whole; "
             + (f"training wall time {minutes:.1f} min ({args.parallel} arms at a time)" if minutes == minutes
                else "scored with --eval_only (training not timed by this command)") + "\n\n"
-            + table(results, levels) + "\n")
+            + table(results, levels, args) + "\n")
     (args.out / "quality.md").write_text(text)
     (args.out / "quality.json").write_text(json.dumps({"results": results, "minutes": minutes,
                                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))

@@ -58,7 +58,7 @@ class TrainOutput(NamedTuple):
 GENERATOR_INITS = ("dac", "dac+transposed", "snac")
 
 
-def build_generator(cfg: ModelConfig, init: Optional[str] = "dac") -> snac.SNAC:
+def build_generator(cfg: ModelConfig, init: Optional[str] = "dac+transposed") -> snac.SNAC:
     """A freshly initialised ``snac.SNAC`` for ``cfg`` (its Snake activations swapped for
     :class:`Snake`, same math and state_dict keys), initialised by :func:`init_generator`.
 
@@ -70,11 +70,13 @@ def build_generator(cfg: ModelConfig, init: Optional[str] = "dac") -> snac.SNAC:
     return model
 
 
-def init_generator(model: torch.nn.Module, init: str = "dac") -> torch.nn.Module:
+def init_generator(model: torch.nn.Module, init: str = "dac+transposed") -> torch.nn.Module:
     """Initialise a from-scratch generator in place; returns ``model``.
 
     * ``dac``: every ``Conv1d`` bias is zero, as DAC's ``init_weights`` leaves it.
-    * ``dac+transposed``: the same, and the ``ConvTranspose1d`` biases too.
+    * ``dac+transposed`` (the default): the same, and the ``ConvTranspose1d`` biases too; DAC's
+      ``isinstance(m, nn.Conv1d)`` misses those, and zeroing them measured better (a lower mel
+      distance when overfitting a real clip, over two seeds: see TRAINING_GUIDE.md).
     * ``snac``: PyTorch's default initialisation, which ``snac.SNAC()`` keeps.
 
     Why: PyTorch draws conv biases uniformly in +-1/sqrt(fan_in). Through snac's encoder those
