@@ -257,3 +257,18 @@ def test_ddp_ranks_write_identical_codebooks_after_kmeans_and_usage_replacement(
         assert torch.equal(a, b)
         assert not torch.equal(a, initial)  # a replacement happened
     assert r0["replaced"] == r1["replaced"] and min(r0["replaced"]) > 0
+
+
+@pytest.mark.parametrize("rule", ["restart", "usage"])
+def test_replacement_is_capped_per_check(rule):
+    """replace_max_fraction bounds how many codes change at one check; the rest wait."""
+    from training.codebooks import build_replacer
+
+    torch.manual_seed(0)
+    model = build_generator(model_preset("tiny"))
+    replacer = build_replacer(model, rule, dead_code_steps=1, every=1, threshold=0.5, decay=0.9, seed=0,
+                              max_fraction=0.05)
+    codes = [torch.zeros(2, 64, dtype=torch.long) for _ in range(3)]  # only code 0 is used
+    latents = [torch.randn(2, 8, 64) for _ in range(3)]
+    assert replacer.step(1, codes, latents) == [12, 12, 12]  # int(0.05 * 256), not the 128 candidates
+    assert replacer.step(2, codes, latents) == [12, 12, 12]

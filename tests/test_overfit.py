@@ -18,11 +18,11 @@ from training.metrics import mel_distance
 from training.model import build_generator, train_forward
 
 STEPS = 300
-# Measured at 300 steps (torch 2.14 CPU, one thread): defaults mel 2.08 (Conv1d biases zeroed) /
-# 1.72 (transposed biases too), distinct codes 11 / 17 / 23 and 9 / 15 / 26. Mutants: snac's
+# Measured at 300 steps (torch 2.14 CPU, one thread): defaults (Conv1d biases zeroed) mel 2.08,
+# distinct codes 11 / 17 / 23 (transposed biases zeroed too: 1.72, 9 / 15 / 26). Mutants: snac's
 # default init mel 2.27, distinct 3 / 4 / 10; codebook-loss gradient cut mel 5.17, distinct 3 / 8 / 13.
 MEL_MAX = 2.6
-MIN_DISTINCT = (6, 10, 18)
+MIN_DISTINCT = (7, 12, 18)
 
 
 @pytest.fixture(scope="module")

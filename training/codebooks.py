@@ -136,10 +136,10 @@ class UsageReplacer(DeadCodeRestarter):
     """
 
     def __init__(self, model: snac.SNAC, threshold: float = 0.1, decay: float = 0.99, every: int = 25,
-                 seed: int = 0, noise: float = 0.01):
+                 seed: int = 0, noise: float = 0.01, max_fraction: float = 1.0):
         if not 0 < decay < 1 or threshold <= 0:
             raise ValueError(f"decay must be in (0, 1) and threshold > 0, got {decay} and {threshold}")
-        super().__init__(model, threshold=1, every=every, seed=seed, noise=noise)
+        super().__init__(model, threshold=1, every=every, seed=seed, noise=noise, max_fraction=max_fraction)
         self.share_threshold, self.decay = float(threshold), float(decay)
         size = model.codebook_size
         self.usage = [torch.zeros(size, device=t.device) for t in self.last_used]
@@ -178,12 +178,12 @@ class UsageReplacer(DeadCodeRestarter):
 
 
 def build_replacer(model: snac.SNAC, rule: Optional[str], *, dead_code_steps: int, every: int, threshold: float,
-                   decay: float, seed: int) -> Optional[DeadCodeRestarter]:
+                   decay: float, seed: int, max_fraction: float = 1.0) -> Optional[DeadCodeRestarter]:
     """The code-replacement rule ``rule`` (``restart``, ``usage``, or None for none) for ``model``."""
     if rule == "usage":
-        return UsageReplacer(model, threshold=threshold, decay=decay, every=every, seed=seed)
+        return UsageReplacer(model, threshold=threshold, decay=decay, every=every, seed=seed, max_fraction=max_fraction)
     if rule == "restart" and dead_code_steps > 0:
-        return DeadCodeRestarter(model, dead_code_steps, every, seed=seed)
+        return DeadCodeRestarter(model, dead_code_steps, every, seed=seed, max_fraction=max_fraction)
     return None
 
 

@@ -58,7 +58,7 @@ class TrainOutput(NamedTuple):
 GENERATOR_INITS = ("dac", "dac+transposed", "snac")
 
 
-def build_generator(cfg: ModelConfig, init: Optional[str] = "dac+transposed") -> snac.SNAC:
+def build_generator(cfg: ModelConfig, init: Optional[str] = "dac") -> snac.SNAC:
     """A freshly initialised ``snac.SNAC`` for ``cfg`` (its Snake activations swapped for
     :class:`Snake`, same math and state_dict keys), initialised by :func:`init_generator`.
 
@@ -70,13 +70,13 @@ def build_generator(cfg: ModelConfig, init: Optional[str] = "dac+transposed") ->
     return model
 
 
-def init_generator(model: torch.nn.Module, init: str = "dac+transposed") -> torch.nn.Module:
+def init_generator(model: torch.nn.Module, init: str = "dac") -> torch.nn.Module:
     """Initialise a from-scratch generator in place; returns ``model``.
 
-    * ``dac``: every ``Conv1d`` bias is zero, as DAC's ``init_weights`` leaves it.
-    * ``dac+transposed`` (the default): the same, and the ``ConvTranspose1d`` biases too; DAC's
-      ``isinstance(m, nn.Conv1d)`` misses those, and zeroing them measured better (a lower mel
-      distance when overfitting a real clip, over two seeds: see TRAINING_GUIDE.md).
+    * ``dac`` (the default): every ``Conv1d`` bias is zero, as DAC's ``init_weights`` leaves it.
+    * ``dac+transposed``: the ``ConvTranspose1d`` biases too (DAC's ``isinstance(m, nn.Conv1d)``
+      misses those). Measured: a lower mel distance when overfitting one clip, but ~30x larger
+      generator gradients at a high learning rate, and a collapsed demo run (TRAINING_GUIDE.md).
     * ``snac``: PyTorch's default initialisation, which ``snac.SNAC()`` keeps.
 
     Why: PyTorch draws conv biases uniformly in +-1/sqrt(fan_in). Through snac's encoder those
@@ -304,11 +304,17 @@ class DeadCodeRestarter:
     re-seeds every code that has not been used yet, instead of waiting ``threshold`` steps.
     """
 
-    def __init__(self, model: snac.SNAC, threshold: int, every: int = 1, seed: int = 0, noise: float = 0.01):
+    def __init__(self, model: snac.SNAC, threshold: int, every: int = 1, seed: int = 0, noise: float = 0.01,
+                 max_fraction: float = 1.0):
         if threshold < 1 or every < 1:
             raise ValueError(f"threshold and every must be >= 1, got {threshold} and {every}")
+        if not 0 < max_fraction <= 1:
+            raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
         self.model = model
         self.threshold, self.every, self.noise = int(threshold), int(every), float(noise)
+        # At most this many codes per level change at one check: each replaced code moves the
+        # frames that pick it, and moving many at once is a shock to the decoder.
+        self.max_per_check = max(1, int(max_fraction * model.codebook_size))
         quantizers = list(model.quantizer.quantizers)
         device = quantizers[0].codebook.weight.device
         size = model.codebook_size
@@ -361,7 +367,7 @@ class DeadCodeRestarter:
     def _restart_level(self, level: int, step: int) -> int:
         dead = self._dead_codes(level, step)
         candidates = _gather_rows(self.buffers[level][:self.filled[level]])
-        n = min(len(dead), len(candidates))  # host sync: only here, at a check step
+        n = min(len(dead), len(candidates), self.max_per_check)  # host sync: only here, at a check step
         if n == 0:
             return 0
         if n < len(dead):

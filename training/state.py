@@ -228,7 +228,7 @@ def build_state(cfg: Config, device: torch.device, rank: int = 0, world_size: in
     t = cfg.train
     restarter = None if t.freeze_quantizer else build_replacer(
         generator, t.code_replacement, dead_code_steps=t.dead_code_steps, every=t.dead_code_every,
-        threshold=t.usage_threshold, decay=t.usage_ema_decay, seed=t.seed)
+        threshold=t.usage_threshold, decay=t.usage_ema_decay, seed=t.seed, max_fraction=t.replace_max_fraction)
     return TrainState(cfg=cfg, device=device, generator=generator, discriminator=discriminator,
                       gen_step=gen_step, disc_step=disc_step, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
                       sched_d=sched_d, loss_fn=GeneratorLoss(cfg.loss, cfg.model.sampling_rate).to(device),
