@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test demo ffmpeg buildtools bench clean
+.PHONY: setup test test-all demo ffmpeg buildtools bench clean
 
 setup: ffmpeg buildtools $(STAMP)
 
@@ -42,7 +42,11 @@ $(STAMP): requirements_training.txt requirements_test.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# `make test`: everything not marked slow (minutes); `make test-all`: the whole suite (CI).
 test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

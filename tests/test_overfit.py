@@ -55,6 +55,7 @@ def overfit(clip, steps: int = STEPS):
     return mel_distance(clip, fake, cfg.model.sampling_rate), [len(torch.unique(c)) for c in codes]
 
 
+@pytest.mark.slow  # ~1 min on one core: 300 training steps
 def test_tiny_preset_overfits_one_clip(clip):
     mel, distinct = overfit(clip)
     # one second of audio holds 12 / 24 / 48 frames at levels 0 / 1 / 2
