@@ -64,11 +64,16 @@ def _params(path):
     return ckpt["step"], ckpt["generator"], ckpt["discriminator"], ckpt["opt_g"]
 
 
-def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir):
+@pytest.mark.parametrize("replacement", [
+    [],  # the defaults: k-means codebooks at step 0, dead-code restart
+    ["--set", "train.code_replacement=usage", "--set", "train.dead_code_every=1"],  # usage EMA, a check every step
+], ids=["defaults", "usage_replacement"])
+def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, replacement):
     common = [*FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "6", "--seed", "3",
-              "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3"]
+              "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3", *replacement]
     ref = run_cli([*common, "--run_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
+    assert "codebooks initialised by k-means" in ref.stderr  # a fresh run sets its codebooks from data
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -86,6 +91,7 @@ def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir):
     resumed = run_cli([*common, "--run_dir", str(run)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from" in resumed.stderr and f"at step {step_at_kill}" in resumed.stderr
+    assert "k-means" not in resumed.stderr  # ... a resumed one keeps the checkpoint's
     s1, g1, d1, o1 = _params(tmp_path / "ref" / "checkpoints" / "latest.pt")
     s2, g2, d2, o2 = _params(run / "checkpoints" / "latest.pt")
     assert s1 == s2 == 6
