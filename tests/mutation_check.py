@@ -81,7 +81,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("codebook_gradient_cut",
            "the codebook loss moves the codebooks (the bug of trainers built on snac's forward)",
            "tests/test_overfit.py::test_tiny_preset_overfits_one_clip",
-           (Rewrite(r"codebook = F\.mse_loss\(z_q, z_e\.detach\(\)\)", "codebook = F.mse_loss(z_q.detach(), z_e.detach())"),)),
+           (Rewrite(r"codebook = F\.mse_loss\((\w+), (\w+)\.detach\(\)\)", r"codebook = F.mse_loss(\1.detach(), \2.detach())"),)),
     Mutant("tokenizer_forgets_failures",
            "a resumed tokenizer run treats logged failures as done (exactly once)",
            "tests/test_tokenize.py::test_sigkill_mid_run_then_resume_is_exactly_once",
