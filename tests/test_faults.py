@@ -652,6 +652,40 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, ljspeech_dir):
+    """SIGUSR1 to rank 1 alone (two gloo ranks): the ranks agree on the stop step through their
+    per-step all-reduce, rank 0 writes the checkpoint (with both ranks' RNG states) and says so
+    once, and both exit 138."""
+    run, log = tmp_path / "ddp", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--run_dir", str(run),
+           "--device", "cpu", "--max_steps", "500", "--set", "train.checkpoint_every=1000",
+           "--set", "train.eval_every=1000"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        ranks = _rank_pids(proc, 2)
+        wait_for_step(run, 3, proc)
+        os.kill(ranks[1], signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        _stop_process(proc)
+    text = log.read_text()
+    stops = [line for line in text.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 1, text[-3000:]
+    step = int(stops[0].split(" at step ")[1].split(";")[0])
+    assert stops[0] == f"stopped by SIGUSR1 at step {step}; checkpoint saved, rerun the same command to resume"
+    assert re.search(rf"exitcode\s*:\s*138 \(pid: {ranks[0]}\)", text), text[-3000:]
+    # Rank 1 exits 138 too, unless torchrun, seeing rank 0 exit first, terminated it on its way out
+    # (after the barrier that follows the checkpoint, its handlers already restored).
+    assert re.search(rf"exitcode\s*:\s*(138|-15) \(pid: {ranks[1]}\)", text), text[-3000:]
+    assert "train_snac.py\", line" not in text  # no worker traceback
+    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == step and len(ckpt["rng_ranks"]) == 2 and ckpt["world_size"] == 2
+    assert [row["step"] for row in _rows(run) if "loss/mel" in row] == list(range(1, step + 1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_stopped_rank_makes_the_other_exit_after_ddp_timeout_with_one_line(tmp_path, ljspeech_dir):
     """SIGSTOP rank 1 of a two-process gloo run: rank 0's next collective times out after
     train.ddp_timeout_s and it exits 1 with one line naming the step; its checkpoint stays valid."""

@@ -530,11 +530,11 @@ class _StopAgreement:
         if self.state.world_size == 1:
             self.signum = self.local()
             return bool(self.signum)
-        agreed = self.finish()
-        flag = torch.full((), self.local(), dtype=torch.int32, device=self.state.device)  # no host sync
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
-        self.signum = agreed
-        return bool(agreed)
+        self.signum = self.finish()
+        if not self.signum:  # (every rank takes the same branch: the value was reduced)
+            flag = torch.full((), self.local(), dtype=torch.int32, device=self.state.device)  # no host sync
+            self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return bool(self.signum)
 
     def finish(self) -> int:
         """Wait for the reduction in flight (if any) and return its signal number."""
