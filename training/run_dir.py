@@ -194,6 +194,15 @@ class RunLock:
     fd: int
     holder: Dict[str, Any]
 
+    def record_holder(self) -> None:
+        """(Re)write who holds the lock. On a full disk the record waits (the flock alone still
+        keeps other trainers out): :func:`prepare_run_dir` may free space, then it is written."""
+        try:
+            _write_holder(self.fd, self.holder)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+
     def release(self) -> None:
         """Remove the lock file, if it is still ours, then close it (which drops the flock).
         Removing before closing: a newcomer that opened the old file sees it unlinked and starts over."""
@@ -270,9 +279,9 @@ def _own_new_lock(path: Path, fd: int, run_dir: Path) -> RunLock:
         holder = _read_holder(fd)
         os.close(fd)
         raise TrainingError(_in_use_message(run_dir, holder))
-    holder = _holder_info()
-    _write_holder(fd, holder)
-    return RunLock(path, fd, holder)
+    lock = RunLock(path, fd, _holder_info())
+    lock.record_holder()
+    return lock
 
 
 def _read_holder(fd: int, wait: float = 1.0) -> Optional[Dict[str, Any]]:
@@ -316,9 +325,9 @@ def _take_over_if_stale(path: Path, run_dir: Path) -> Optional[Tuple[RunLock, Op
     except BaseException:
         os.close(fd)
         raise
-    mine = _holder_info()
-    _write_holder(fd, mine)
-    return RunLock(path, fd, mine), _takeover_note(run_dir, holder)
+    lock = RunLock(path, fd, _holder_info())
+    lock.record_holder()
+    return lock, _takeover_note(run_dir, holder)
 
 
 def _stale_without_flock(holder: Optional[Dict[str, Any]]) -> bool:

@@ -42,11 +42,11 @@ from .checkpoint import (
 )
 from .codebooks import VQHealth, collapse_warnings, init_codebooks_from_data
 from .config import Config, to_config
+from .errors import TrainingStopped, first_line
 from .hub import export_snac
 from .losses import discriminator_loss
 from .metrics import codebook_stats, si_sdr
 from .model import TrainOutput, train_forward
-from .errors import TrainingStopped, first_line
 from .run_dir import (
     OPTIMIZER_KEYS, RunLogger, adopt_architecture, check_resume_changes, describe_applied, make_run_dir,
     prepare_run_dir, record_config, resume_changes, take_run_lock, trim_metrics,
@@ -386,10 +386,13 @@ def _start_in_run_dir(cfg: Config, rank: int, world: int):
             notes += [note] if note else []
             point, more = prepare_run_dir(cfg)
             notes += more
-        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            failure = e
+            lock.record_holder()  # again: on a full disk, removing dead temporaries made room for it
+        except BaseException as e:  # re-raised below, after telling the other ranks
             if lock is not None:
                 lock.release()
+            if not isinstance(e, Exception):
+                raise
+            failure = e
     if world > 1:
         box = [first_line(failure) if failure is not None else None]
         dist.broadcast_object_list(box, src=0)
@@ -576,7 +579,6 @@ class _Progress:
 
 
 _TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
-_PEER_LOST = re.compile(r"connection (closed|reset) by peer|broken pipe|connection refused", re.IGNORECASE)
 
 
 @contextmanager
@@ -587,7 +589,10 @@ def _collective_failures(cfg: Config, rank: int, world: int, progress: _Progress
         yield
     except RuntimeError as e:
         text = str(e)
-        backend = isinstance(e, getattr(dist, "DistBackendError", ())) or _TIMEOUT.search(text) or _PEER_LOST.search(text)
+        # NCCL raises DistBackendError; gloo a plain RuntimeError whose message starts with the
+        # gloo source file ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting
+        # 20000ms for recv operation", "[.../gloo/transport/tcp/pair.cc] Connection closed by peer").
+        backend = isinstance(e, getattr(dist, "DistBackendError", ())) or "gloo" in text
         if world <= 1 or isinstance(e, TrainingError) or not backend:
             raise
         latest = checkpoint_dir(cfg) / "latest.pt"
