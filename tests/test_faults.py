@@ -523,16 +523,17 @@ def test_second_trainer_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, lj
     proc = launch(ljspeech_dir, run, log, *args)
     try:
         wait_for_step(run, 1, proc)
-        holder = json.loads((run / ".lock").read_text())
-        assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
         # --no-resume would rename the live run's files aside: the lock check comes first.
         second = train(ljspeech_dir, run, *args, "--no-resume")
         assert proc.poll() is None, "the first run ended before the second one was checked"
+        line = assert_one_line_error(second, 2)
+        holder = json.loads((run / ".lock").read_text())
         proc.wait(timeout=300)
     finally:
         _stop_process(proc)
-    assert_one_line_error(second, 2, f"error: run directory {run} is in use by pid {proc.pid} on host "
-                          f"{holder['host']} since {holder['start_time']}; stop it first or use another --run_dir")
+    assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
+    assert line == (f"error: run directory {run} is in use by pid {proc.pid} on host {holder['host']} since "
+                    f"{holder['start_time']}; stop it first or use another --run_dir")
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert not list(run.glob("*prev*"))
     assert [row["step"] for row in _rows(run) if "loss/mel" in row] == list(range(1, 61))  # each step once
