@@ -8,7 +8,10 @@ Examples:
   torchrun --nproc_per_node 8 train_snac.py --config my_config.yaml   # multi-GPU (DDP)
 
 Rerunning the same command resumes from the newest readable checkpoint in <run_dir>/checkpoints
-(latest.pt, else the newest readable step_*.pt).
+(latest.pt, else the newest readable step_*.pt). One trainer per run directory: a second one exits 2
+naming the first. SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 stop training at the next step with a
+checkpoint; exit status 128 + signal number (143, 130, 138). Exit status: 0 done, 2 bad input or a
+refused resume, 1 other failures (e.g. a DDP collective that timed out: train.ddp_timeout_s).
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="no_resume", action="store_true",
                    help="start fresh even if the run directory has checkpoints (the previous run's "
                    "checkpoints/, metrics.jsonl, export/, config.yaml and logs/ are kept, renamed to <name>.prevN)")
+    p.add_argument("--allow_config_change", action="store_true", default=None,
+                   help="resume even though keys that cannot change mid-run differ from the checkpoint's "
+                   "(model.*, discriminator.*, the data source, seeds, batch size, number of processes); "
+                   "without it such a resume exits 2 listing the differences. Model and discriminator keys "
+                   "keep the checkpoint's values. Changeable keys (optim.lr, loss weights, intervals, "
+                   "max_steps...) are always applied and listed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=3e-4 --set loss.commitment=0 "
                    "(repeatable; applied last)")
@@ -73,7 +82,8 @@ def config_from_args(args: argparse.Namespace):
             set_dotted(cfg, "data.dataset", args.dataset)  # a registry name, resolved by the data layer
     flags = {"data.dataset_path": args.dataset_path, "data.batch_size": args.batch_size,
              "data.streaming": args.streaming, "train.run_dir": args.run_dir, "train.max_steps": args.max_steps,
-             "train.init_from": args.init_from, "train.device": args.device, "train.seed": args.seed}
+             "train.init_from": args.init_from, "train.device": args.device, "train.seed": args.seed,
+             "train.allow_config_change": args.allow_config_change}
     for key, value in flags.items():
         if value is not None:
             set_dotted(cfg, key, value)

@@ -13,8 +13,10 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -245,6 +247,37 @@ def test_corrupt_latest_falls_back_to_newest_readable(run_copy, ljspeech_dir, ki
     assert hashes(ck / "best.pt", ck / "step_00000002.pt", ck / "step_00000004.pt") == kept
 
 
+@pytest.mark.parametrize("with_best", [True, False])
+def test_damaged_newest_numbered_checkpoint_falls_back_to_an_older_one(trained_run, tmp_path, with_best):
+    """latest.pt missing and the newest step_*.pt damaged: the search goes on to the older numbered
+    checkpoint (not best.pt, not a refusal)."""
+    from training.checkpoint import find_resume_checkpoint
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for name in ("step_00000002.pt", "step_00000004.pt") + (("best.pt",) if with_best else ()):
+        shutil.copy(trained_run / "checkpoints" / name, ck / name)
+    _corrupt("truncated", ck / "step_00000004.pt", trained_run / "checkpoints" / "step_00000004.pt", tmp_path / "x")
+    point = find_resume_checkpoint(ck)
+    assert point.path == ck / "step_00000002.pt" and point.ckpt["step"] == 2
+    assert point.skipped[0] == "latest.pt is missing"
+    assert point.skipped[1].startswith("step_00000004.pt is unreadable")
+
+
+def test_resume_skips_a_damaged_newest_numbered_checkpoint_end_to_end(run_copy, ljspeech_dir):
+    ck = run_copy / "checkpoints"
+    for name in ("latest.pt", "best.pt"):
+        (ck / name).unlink()
+    data = (ck / "step_00000004.pt").read_bytes()
+    (ck / "step_00000004.pt").write_bytes(data[: len(data) // 2])
+    r = train(ljspeech_dir, run_copy, "--max_steps", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"resumed from {ck / 'step_00000002.pt'} at step 2 (latest.pt is missing; step_00000004.pt is "
+            "unreadable") in r.stderr
+    assert ckpt_info(ck / "step_00000004.pt")["step"] == 4  # rewritten by the resumed run
+    assert [row["step"] for row in _rows(run_copy) if "loss/mel" in row] == [1, 2, 3, 4]
+
+
 def test_no_readable_checkpoint_refuses_to_start_fresh(run_copy, ljspeech_dir):
     ck = run_copy / "checkpoints"
     for p in ck.glob("*.pt"):
@@ -274,7 +307,8 @@ def test_no_resume_sets_the_whole_previous_run_aside(run_copy, ljspeech_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoints.prev1" in r.stderr
     renamed = {"/checkpoints/": "/checkpoints.prev1/", "/export/": "/export.prev1/", "/logs/": "/logs.prev1/",
-               "/metrics.jsonl": "/metrics.prev1.jsonl", "/config.yaml": "/config.prev1.yaml"}
+               "/metrics.jsonl": "/metrics.prev1.jsonl", "/config.yaml": "/config.prev1.yaml",
+               "/config_history.jsonl": "/config_history.prev1.jsonl"}
     after = hashes(run_copy)
     for rel, digest in before.items():
         new = next((rel.replace(a, b, 1) for a, b in renamed.items() if rel.startswith(a)), rel)
@@ -369,7 +403,12 @@ def test_read_only_run_dir(tmp_path, ljspeech_dir):
 
 
 def test_resume_with_other_discriminator_says_what_differs(run_copy, ljspeech_dir):
+    before = hashes(run_copy)
     r = train(ljspeech_dir, run_copy, "--max_steps", "5", "--set", "discriminator.stft_channels=16")
+    assert_one_line_error(r, 2, "discriminator.stft_channels: 8 -> 16", "--allow_config_change")
+    assert hashes(run_copy) == before
+    r = train(ljspeech_dir, run_copy, "--max_steps", "5", "--set", "discriminator.stft_channels=16",
+              "--allow_config_change")
     assert r.returncode == 0, r.stderr[-3000:]  # was a size-mismatch traceback
     assert ("resuming the checkpoint's architecture, not the requested one "
             "(discriminator.stft_channels: checkpoint 8, now 16)") in r.stderr
@@ -381,7 +420,7 @@ def test_resume_with_other_preset_says_which_model_runs(run_copy, ljspeech_dir):
     args = [a for a in FAST if a != "tiny"]
     args[args.index("--preset")] = "--preset=24khz"
     r = _run([str(ROOT / "train_snac.py"), *args, "--dataset_path", str(ljspeech_dir), "--run_dir", str(run_copy),
-              "--max_steps", "4"])
+              "--max_steps", "4", "--allow_config_change"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("resuming the checkpoint's architecture, not the requested one (model.encoder_dim: checkpoint 8, "
             "now 48") in r.stderr
@@ -400,6 +439,298 @@ def test_all_corrupt_data_says_unreadable(tmp_path):
         (data / f"clip{i}.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * (i + 1))
     r = train(data, tmp_path / "run", "--max_steps", "1")
     assert_one_line_error(r, 2, "no validation audio", "unreadable", "clip")
+
+
+# --------------------------------------------------------------------------------------
+# Clusters: preemption, one writer per run directory, config changes, DDP timeouts
+# --------------------------------------------------------------------------------------
+
+
+def launch(data: Path, run_dir: Path, log: Path, *args: str) -> subprocess.Popen:
+    """A training run in the background; its stderr goes to ``log``."""
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(data),
+                                 "--run_dir", str(run_dir), *args], cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until metrics.jsonl holds a training row of ``step`` or later (the run is training)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            rows = []
+        if any(row["step"] >= step and "loss/mel" in row for row in rows):
+            return
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before step {step}"
+        assert time.time() < deadline, f"no step {step} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# checkpoint_every 1000: the only checkpoint before the end is the one the signal writes.
+STOP_ARGS = ["--max_steps", "40", "--seed", "3", "--set", "train.checkpoint_every=1000",
+             "--set", "train.eval_every=1000"]
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(tmp_path, ljspeech_dir):
+    ref = train(ljspeech_dir, tmp_path / "ref", *STOP_ARGS)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    proc = launch(ljspeech_dir, run, log, *STOP_ARGS)
+    try:
+        wait_for_step(run, 20, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        _stop_process(proc)
+    err = log.read_text()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 1, err[-3000:]
+    step = int(stops[0].split(" at step ")[1].split(";")[0])
+    assert stops[0] == f"stopped by SIGTERM at step {step}; checkpoint saved, rerun the same command to resume"
+    assert 20 <= step < 40
+    assert ckpt_info(run / "checkpoints" / "latest.pt")["step"] == step
+    assert not (run / ".lock").exists()  # released on the way out
+
+    r = train(ljspeech_dir, run, *STOP_ARGS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [line for line in r.stderr.splitlines() if line.startswith("resumed from")]
+    assert resumed == [f"resumed from {run / 'checkpoints' / 'latest.pt'} at step {step}"], r.stderr[-3000:]
+    assert "config changes" not in r.stderr
+    assert [row["step"] for row in _rows(run) if "loss/mel" in row] == list(range(1, 41))
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "latest.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for part in ("generator", "discriminator"):  # bit for bit, as the kill -9 test in test_train.py
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name}"
+    assert torch.equal(a["opt_g"]["state"][0]["exp_avg"], b["opt_g"]["state"][0]["exp_avg"])
+
+
+def test_second_trainer_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, ljspeech_dir):
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    args = ["--max_steps", "60", "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000"]
+    proc = launch(ljspeech_dir, run, log, *args)
+    try:
+        wait_for_step(run, 1, proc)
+        # --no-resume would rename the live run's files aside: the lock check comes first.
+        second = train(ljspeech_dir, run, *args, "--no-resume")
+        assert proc.poll() is None, "the first run ended before the second one was checked"
+        line = assert_one_line_error(second, 2)
+        holder = json.loads((run / ".lock").read_text())
+        proc.wait(timeout=300)
+    finally:
+        _stop_process(proc)
+    assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
+    assert line == (f"error: run directory {run} is in use by pid {proc.pid} on host {holder['host']} since "
+                    f"{holder['start_time']}; stop it first or use another --run_dir")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert not list(run.glob("*prev*"))
+    assert [row["step"] for row in _rows(run) if "loss/mel" in row] == list(range(1, 61))  # each step once
+    assert not (run / ".lock").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_one_line(run_copy, ljspeech_dir):
+    pid, host = dead_pid(), socket.gethostname()
+    (run_copy / ".lock").write_text(json.dumps({"pid": pid, "host": host, "start_time": "2026-01-02 03:04:05"}))
+    r = train(ljspeech_dir, run_copy, "--max_steps", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if "lock " in line.replace(str(run_copy), "")]
+    assert lines == [f"taking over the stale lock of run directory {run_copy}: pid {pid} on host {host} since "
+                     "2026-01-02 03:04:05 no longer holds it"], r.stderr[-3000:]
+    assert not (run_copy / ".lock").exists()
+
+
+def test_lock_without_flock_falls_back_to_pid_and_host(tmp_path, monkeypatch):
+    """Filesystems without file locks: a holder on this host is checked by its pid; one on another
+    host cannot be checked and is taken as live (the message says how to clear it)."""
+    from training import run_dir as rd
+    from training.state import TrainingError
+
+    monkeypatch.setattr(rd, "_flock", lambda fd: "unsupported")
+    host = socket.gethostname()
+    for holder, live in [({"pid": dead_pid(), "host": host}, False), ({"pid": os.getppid(), "host": host}, True),
+                         ({"pid": dead_pid(), "host": "elsewhere"}, True)]:
+        (tmp_path / ".lock").write_text(json.dumps({**holder, "start_time": "2026-01-02 03:04:05"}))
+        if live:
+            with pytest.raises(TrainingError, match=f"in use by pid {holder['pid']} on host {holder['host']}"):
+                rd.take_run_lock(tmp_path)
+            assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder["pid"]  # untouched
+        else:
+            lock, note = rd.take_run_lock(tmp_path)
+            assert note.startswith("taking over the stale lock") and lock.holder["pid"] == os.getpid()
+            lock.release()
+            assert not (tmp_path / ".lock").exists()
+
+
+def test_resume_with_a_new_lr_applies_it_and_keeps_the_config_history(run_copy, ljspeech_dir):
+    history = run_copy / "config_history.jsonl"
+    original = history.read_text().splitlines()
+    assert len(original) == 1
+    r = train(ljspeech_dir, run_copy, "--max_steps", "6", "--set", "optim.lr=1e-5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config changes applied at step 4: optim.lr 0.0006 -> 1e-05, train.max_steps 4 -> 6" in r.stderr
+    lr = {row["step"]: row["lr/generator"] for row in _rows(run_copy) if "lr/generator" in row}
+    assert lr[4] == pytest.approx(6e-4 * 0.999994 ** 4, rel=1e-9)
+    for step in (5, 6):  # the new base, on the same schedule, from the next step on
+        assert lr[step] == pytest.approx(1e-5 * 0.999994 ** step, rel=1e-9)
+    lines = history.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == original[0]  # the original is never rewritten
+    first, second = (json.loads(line) for line in lines)
+    assert first["step"] == 0 and first["changes"] == {} and first["config"]["optim"]["lr"] == 6e-4
+    assert second["step"] == 4 and second["changes"] == {"optim.lr": [6e-4, 1e-5], "train.max_steps": [4, 6]}
+    assert second["config"]["optim"]["lr"] == 1e-5
+    from training.config import load_config
+
+    assert load_config(run_copy / "config.yaml").optim.lr == 1e-5  # config.yaml: the current config
+
+
+@pytest.mark.parametrize("change,listed", [
+    (["--seed", "5"], ["train.seed: 0 -> 5"]),
+    (["--preset", "24khz"], ["model.encoder_dim: 8 -> 48", "model.decoder_dim: 64 -> 1024",
+                             "discriminator.stft_channels: 8 -> 32"]),
+    (["--dataset_path", "DATA/wavs"], ["data.dataset_path: DATA -> DATA/wavs"]),
+], ids=["seed", "preset", "dataset_path"])
+def test_resume_with_a_fixed_key_changed_is_refused_listing_each_difference(run_copy, ljspeech_dir, change, listed):
+    change = [a.replace("DATA", str(ljspeech_dir)) for a in change]
+    before = hashes(run_copy)
+    r = train(ljspeech_dir, run_copy, "--max_steps", "5", *change)
+    assert_one_line_error(r, 2, f"cannot resume {run_copy / 'checkpoints' / 'latest.pt'} with a different config",
+                          *[s.replace("DATA", str(ljspeech_dir)) for s in listed], "--allow_config_change")
+    assert hashes(run_copy) == before  # nothing written, nothing moved
+
+
+def test_allow_config_change_resumes_with_the_new_seed(run_copy, ljspeech_dir):
+    r = train(ljspeech_dir, run_copy, "--max_steps", "5", "--seed", "5", "--allow_config_change")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config changes applied at step 4: train.max_steps 4 -> 5, train.seed 0 -> 5" in r.stderr
+    assert torch.load(run_copy / "checkpoints" / "latest.pt", weights_only=True)["config"]["train"]["seed"] == 5
+
+
+def _children(pid: int) -> list:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _rank_pids(torchrun: subprocess.Popen, world: int, timeout: float = 120) -> dict:
+    """{rank: pid} of torchrun's worker processes (their RANK environment variable)."""
+    deadline = time.time() + timeout
+    while True:
+        ranks = {}
+        for kid in _children(torchrun.pid):
+            try:
+                env = dict(e.split("=", 1) for e in Path(f"/proc/{kid}/environ").read_text().split("\0") if "=" in e)
+            except OSError:
+                continue
+            if "RANK" in env:
+                ranks[int(env["RANK"])] = kid
+        if len(ranks) == world:
+            return ranks
+        assert torchrun.poll() is None and time.time() < deadline, "torchrun did not start its workers"
+        time.sleep(0.1)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, ljspeech_dir):
+    """SIGUSR1 to rank 1 alone (two gloo ranks): the ranks agree on the stop step through their
+    per-step all-reduce, rank 0 writes the checkpoint (with both ranks' RNG states) and says so
+    once, and both exit 138."""
+    run, log = tmp_path / "ddp", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--run_dir", str(run),
+           "--device", "cpu", "--max_steps", "500", "--set", "train.checkpoint_every=1000",
+           "--set", "train.eval_every=1000"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        ranks = _rank_pids(proc, 2)
+        wait_for_step(run, 3, proc)
+        os.kill(ranks[1], signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        _stop_process(proc)
+    text = log.read_text()
+    stops = [line for line in text.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 1, text[-3000:]
+    step = int(stops[0].split(" at step ")[1].split(";")[0])
+    assert stops[0] == f"stopped by SIGUSR1 at step {step}; checkpoint saved, rerun the same command to resume"
+    # Each rank exits 138, unless torchrun, seeing the other exit first, terminated it on its way
+    # out (-15: after the barrier that follows the checkpoint, its handlers already restored).
+    codes = [re.search(rf"exitcode\s*:\s*(-?\d+) \(pid: {pid}\)", text) for pid in ranks.values()]
+    assert all(codes), text[-3000:]
+    codes = sorted(int(m.group(1)) for m in codes)
+    assert codes in ([-15, 138], [138, 138]), codes
+    assert "train_snac.py\", line" not in text  # no worker traceback
+    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == step and len(ckpt["rng_ranks"]) == 2 and ckpt["world_size"] == 2
+    assert [row["step"] for row in _rows(run) if "loss/mel" in row] == list(range(1, step + 1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_stopped_rank_makes_the_other_exit_after_ddp_timeout_with_one_line(tmp_path, ljspeech_dir):
+    """SIGSTOP rank 1 of a two-process gloo run: rank 0's next collective times out after
+    train.ddp_timeout_s and it exits 1 with one line naming the step; its checkpoint stays valid."""
+    from training.checkpoint import read_checkpoint
+
+    run, log = tmp_path / "ddp", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--run_dir", str(run),
+           "--device", "cpu", "--max_steps", "500", "--set", "train.ddp_timeout_s=20",
+           "--set", "train.eval_every=1000"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    ranks = {}
+    try:
+        ranks = _rank_pids(proc, 2)
+        wait_for_step(run, 3, proc)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while not _gone(ranks[0]):
+            assert time.monotonic() - stopped_at < 20 + 60, "rank 0 still waits for the stopped rank"
+            time.sleep(0.2)
+        waited = time.monotonic() - stopped_at
+        os.kill(ranks[1], signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        for pid in ranks.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _stop_process(proc)
+    text = log.read_text()
+    assert waited > 15, text[-3000:]  # the timeout, not some other failure
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, text[-3000:]
+    assert re.fullmatch(r"error: rank 0: a collective timed out after 20 s at step \d+ \(another rank stopped or "
+                        rf"hung\); the last checkpoint is {re.escape(str(run))}/checkpoints/latest\.pt; rerun to "
+                        "resume", lines[0]), lines[0]
+    assert re.search(rf"exitcode\s*:\s*1 \(pid: {ranks[0]}\)", text), text[-3000:]  # torchrun's report of rank 0
+    assert "train_snac.py\", line" not in text  # no worker traceback
+    assert read_checkpoint(run / "checkpoints" / "latest.pt")["step"] >= 2
+    assert not (run / ".lock").exists()
 
 
 # --------------------------------------------------------------------------------------

@@ -71,8 +71,20 @@ def checkpoint_payload(state: TrainState, loader=None) -> Dict[str, Any]:
         "restarter": state.restarter.state_dict() if state.restarter else None,
         "data": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         "lineage": state.extra.get("lineage"),
+        "world_size": state.world_size,  # a resume with another number of processes is a config change
     }
     return payload
+
+
+def saved_world_size(ckpt: Dict[str, Any]) -> Optional[int]:
+    """The number of processes that trained ``ckpt`` (older checkpoints: from their data position
+    or per-rank RNG states), or None when it cannot be told."""
+    if ckpt.get("world_size") is not None:
+        return int(ckpt["world_size"])
+    data = ckpt.get("data")
+    if isinstance(data, dict) and data.get("world_size") is not None:
+        return int(data["world_size"])
+    return len(ckpt["rng_ranks"]) if ckpt.get("rng_ranks") else None
 
 
 class CheckpointError(TrainingError):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator, NoReturn, Tuple, Type
 
 from .config import ConfigError
-from .errors import first_line
+from .errors import TrainingStopped, first_line
 
 
 def user_error_types() -> Tuple[Type[BaseException], ...]:
@@ -62,15 +62,21 @@ def os_error_exit_code(e: OSError) -> int:
 
 @contextmanager
 def guard() -> Iterator[None]:
-    """Turn user-input errors into ``error: <message>`` + exit 2, environment errors (OSError)
-    into one line + exit 2 (user fixable) or 1, Ctrl-C into exit 130."""
+    """Turn user-input errors into ``error: <message>`` + exit 2 (or the exception's own
+    ``exit_code``, e.g. 1 for a failed collective), environment errors (OSError) into one line +
+    exit 2 (user fixable) or 1, Ctrl-C before training into exit 130, and a run stopped by a
+    signal into its line + exit 128 + signal number."""
     try:
         yield
+    except TrainingStopped as e:
+        if e.announce:
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except user_error_types() as e:
-        fail(first_line(e))
+        fail(first_line(e), getattr(e, "exit_code", 2))
     except OSError as e:
         fail(os_error_message(e), os_error_exit_code(e))
 

@@ -218,6 +218,13 @@ class TrainConfig:
     freeze_encoder: bool = False
     freeze_quantizer: bool = False
     resume: bool = True  # resume from <run_dir>/checkpoints/latest.pt when present
+    # ours: resume even when keys that cannot change mid-run (model, data source, seeds, batch
+    # size, discriminator, world size) differ from the checkpoint's (--allow_config_change)
+    allow_config_change: bool = False
+    # ours: seconds a collective may wait for the other ranks before the run stops with an error
+    # naming the step (torch's NCCL default is also 10 min); must exceed rank 0's longest solo
+    # pause (an evaluation, a checkpoint write)
+    ddp_timeout_s: float = 600.0
     export_on_end: bool = True
     num_audio_samples: int = 2  # eval reconstructions written to TensorBoard
 
@@ -766,6 +773,7 @@ def _validate_train(t: TrainConfig) -> None:
            "dac, dac+transposed or snac")
     _range(t.codebook_init, t.codebook_init in ("kmeans", "random"), "train.codebook_init", "kmeans or random")
     _range(t.run_dir, bool(t.run_dir), "train.run_dir", "a directory path")
+    _range(t.ddp_timeout_s, t.ddp_timeout_s > 0, "train.ddp_timeout_s", "> 0 (seconds)")
 
 
 # ours: refuse settings whose activations clearly cannot fit any machine (a typo such as

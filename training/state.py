@@ -3,6 +3,7 @@ models, optimizers, data."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -28,6 +29,13 @@ from .model import DeadCodeRestarter, TrainOutput, build_generator, train_forwar
 
 class TrainingError(RuntimeError):
     """Training cannot continue (repeated non-finite losses, incompatible run directory, ...)."""
+
+
+class CollectiveError(TrainingError):
+    """A collective timed out or lost its peers: another rank stopped, hung or died. Not a user
+    mistake, so the command-line tools exit 1 (not 2) with the one line."""
+
+    exit_code = 1
 
 
 class TrainingGenerator(nn.Module):
@@ -131,8 +139,13 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return cfg.train.precision
 
 
-def setup_distributed() -> Tuple[int, int]:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+def setup_distributed(timeout_s: Optional[float] = None) -> Tuple[int, int]:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU).
+
+    ``timeout_s`` (``train.ddp_timeout_s``) bounds how long any collective waits for the other
+    ranks: gloo then raises in the waiting rank, NCCL's watchdog aborts it. Without it a rank
+    whose peer was stopped or hung would wait for the backend's default (30 min for gloo).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -140,7 +153,8 @@ def setup_distributed() -> Tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -197,6 +211,38 @@ def _schedule(opt: torch.optim.Optimizer, warmup: int, decay: float) -> torch.op
     if warmup <= 0:
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * decay ** step)
+
+
+def apply_optim_config(state: "TrainState") -> None:
+    """Make both optimizers and schedules follow ``cfg.optim`` at the current step, after a resume
+    that changed ``lr``, ``lr_decay``, ``warmup_steps``, ``betas``, ``eps`` or ``weight_decay``.
+
+    Loading a checkpoint restores the saved hyperparameters (param groups, ``base_lrs``, the
+    exponential schedule's ``gamma``), so a changed config would otherwise be silently ignored.
+    The schedule becomes the one the new config defines, evaluated at the current step:
+    ``lr x warm-up(step) x lr_decay**step``, as if the run had started with the new values (a
+    changed ``lr_decay`` therefore moves the learning rate at once too).
+    """
+    o = state.cfg.optim
+    for opt, sched in ((state.opt_g, state.sched_g), (state.opt_d, state.sched_d)):
+        if isinstance(sched, torch.optim.lr_scheduler.ExponentialLR):
+            sched.gamma = o.lr_decay  # ExponentialLR keeps gamma in its state dict
+        factor = _schedule_factor(sched)
+        sched.base_lrs = [o.lr] * len(opt.param_groups)
+        for group in opt.param_groups:
+            group["initial_lr"], group["lr"] = o.lr, o.lr * factor
+            group["betas"], group["eps"], group["weight_decay"] = tuple(o.betas), o.eps, o.weight_decay
+        sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
+
+
+def _schedule_factor(sched: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The schedule's multiplier of the base learning rate at its current step (``last_epoch``):
+    the warm-up lambda (built from the current config; lambdas are not saved) or ``gamma**step``."""
+    # (isinstance, not hasattr: a warm-up schedule's saved state loaded into ExponentialLR, or the
+    # reverse, leaves the other class's attributes behind)
+    if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        return float(sched.lr_lambdas[0](sched.last_epoch))
+    return float(sched.gamma) ** sched.last_epoch
 
 
 def setup_dataset(cfg: Config, rank: int = 0, world_size: int = 1):

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import signal
 import sys
+import threading
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -39,14 +42,18 @@ from .checkpoint import (
 )
 from .codebooks import VQHealth, collapse_warnings, init_codebooks_from_data
 from .config import Config, to_config
+from .errors import TrainingStopped, first_line
 from .hub import export_snac
 from .losses import discriminator_loss
 from .metrics import codebook_stats, si_sdr
 from .model import TrainOutput, train_forward
-from .run_dir import RunLogger, _save_config_checked, adopt_architecture, prepare_run_dir, trim_metrics
+from .run_dir import (
+    OPTIMIZER_KEYS, RunLogger, adopt_architecture, check_resume_changes, describe_applied, make_run_dir,
+    prepare_run_dir, record_config, resume_changes, take_run_lock, trim_metrics,
+)
 from .state import (
-    TrainState, TrainingError, build_state, resolve_device, seed_everything, setup_dataset,
-    setup_distributed,
+    CollectiveError, TrainState, TrainingError, apply_optim_config, build_state, resolve_device, seed_everything,
+    setup_dataset, setup_distributed,
 )
 
 
@@ -287,7 +294,8 @@ def _run_eval(state: TrainState, val_batches, logger: RunLogger, loader) -> Opti
             print(f"warning: step {state.step}: {line}", file=sys.stderr)
     if mel < state.best_mel:
         state.best_mel = mel
-        save_checkpoint(state, loader, tags=("best",), numbered=False)
+        with _saving(state):
+            save_checkpoint(state, loader, tags=("best",), numbered=False)
     return mel
 
 
@@ -347,29 +355,78 @@ def train_main(config) -> Dict[str, Any]:
     ``<run_dir>/checkpoints`` (``latest.pt`` normally) when there is one.
 
     ``config`` is a Config, a plain dict or a config file path. Returns a summary dict
-    (final step, last validation metrics, paths).
+    (final step, last validation metrics, paths). SIGTERM, SIGINT or SIGUSR1 stop the run at the
+    next step boundary with a checkpoint and raise :class:`TrainingStopped`; a collective that
+    times out raises :class:`CollectiveError`.
     """
     cfg = to_config(config)
-    rank, world = setup_distributed()
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed + rank)
-    run_dir = Path(cfg.train.run_dir)
-    point, notes = prepare_run_dir(cfg) if rank == 0 else (None, [])
+    with StopSignals() as signals:
+        rank, world = setup_distributed(cfg.train.ddp_timeout_s)
+        device = resolve_device(cfg.train.device)
+        seed_everything(cfg.train.seed + rank)
+        progress = _Progress()
+        with _collective_failures(cfg, rank, world, progress):
+            lock, point, notes = _start_in_run_dir(cfg, rank, world)
+            try:
+                return _train(cfg, rank, world, device, signals, progress, point, notes)
+            finally:
+                if lock is not None:
+                    lock.release()
+
+
+def _start_in_run_dir(cfg: Config, rank: int, world: int):
+    """Rank 0 takes the run directory's lock, then (only then) prepares it: a second trainer, even
+    with --no-resume, never moves or reads a live run's files. Under DDP every rank learns whether
+    rank 0 got that far, so none waits for a collective rank 0 will never join."""
+    lock, point, notes, failure = None, None, [], None
+    if rank == 0:
+        try:
+            make_run_dir(Path(cfg.train.run_dir))
+            lock, note = take_run_lock(Path(cfg.train.run_dir))
+            notes += [note] if note else []
+            point, more = prepare_run_dir(cfg)
+            notes += more
+            lock.record_holder()  # again: on a full disk, removing dead temporaries made room for it
+        except BaseException as e:  # re-raised below, after telling the other ranks
+            if lock is not None:
+                lock.release()
+            if not isinstance(e, Exception):
+                raise
+            failure = e
     if world > 1:
-        dist.barrier()
+        box = [first_line(failure) if failure is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if rank != 0 and box[0] is not None:
+            raise TrainingError(f"rank 0 could not start: {box[0]}")
+    if failure is not None:
+        raise failure
+    return lock, point, notes
+
+
+def _train(cfg: Config, rank: int, world: int, device: torch.device, signals: "StopSignals",
+           progress: "_Progress", point: Optional[ResumePoint], notes: List[str]) -> Dict[str, Any]:
+    run_dir = Path(cfg.train.run_dir)
     chosen = _agree_on_resume(point.path if point else None, world)
     if chosen is not None and point is None:
         point = ResumePoint(chosen, read_checkpoint(chosen), [])
+    changes = []
     if point is not None:
+        # Before anything is written: a refused resume leaves the run directory as it was.
+        changes = check_resume_changes(cfg, point, resume_changes(cfg, point, world))
         note = adopt_architecture(cfg, point.ckpt["config"])
         if note and rank == 0:
             notes.append(note)
     state = build_state(cfg, device, rank, world)
     state.extra["lineage"] = uuid.uuid4().hex  # replaced by the checkpoint's when resuming
+    state.extra["signals"] = signals
+    progress.state = state
     loader, val_batches = _setup_dataset_checked(cfg, rank, world)
     if point is not None:
         load_checkpoint(state, point.ckpt, loader, source=point.path)
+        if any(c.key in OPTIMIZER_KEYS for c in changes):
+            apply_optim_config(state)  # loading restored the checkpoint's lr, decay and betas
         notes.append(point.describe())
+        notes += [describe_applied(changes, state.step)] if changes else []
         point = None  # drop the loaded tensors
     elif _wants_codebook_init(cfg):
         notes.append(_init_codebooks(state, loader))
@@ -379,7 +436,7 @@ def train_main(config) -> Dict[str, Any]:
         trim_metrics(run_dir / "metrics.jsonl", state.step)
         for note in notes:
             print(note, file=sys.stderr)
-        _save_config_checked(cfg, run_dir / "config.yaml")
+        record_config(cfg, run_dir, state.step, world, changes)
     logger = RunLogger(cfg, enabled=rank == 0)
     try:
         summary = _loop(state, loader, val_batches, logger)
@@ -392,6 +449,160 @@ def train_main(config) -> Dict[str, Any]:
             print(json.dumps({k: v for k, v in summary.items() if k.startswith("ddp/")}), file=sys.stderr)
         dist.barrier()
     return summary
+
+
+# --------------------------------------------------------------------------------------
+# Stopping on a signal, failing on a dead peer
+# --------------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+# ours: a second Ctrl-C this long after the first aborts at once. Shorter gaps are one keypress
+# delivered twice (the terminal signals torchrun and its workers, and torchrun forwards it again).
+ABORT_AFTER_S = 2.0
+
+
+class StopSignals:
+    """While active, SIGTERM, SIGINT and SIGUSR1 only record a stop request; the loop stops at the
+    next step boundary and writes a checkpoint (:func:`_stop_with_checkpoint`).
+
+    The handler never raises while a checkpoint is being written, so a second signal cannot leave
+    a half-written file (the writes are temp file + ``os.replace`` anyway). Outside a write, a
+    second Ctrl-C at least ``ABORT_AFTER_S`` after the first aborts at once (KeyboardInterrupt,
+    exit 130, the previous checkpoint stays). The previous handlers are restored on exit.
+    """
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.first_at = 0.0
+        self._saving = 0
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        # Python installs handlers from the main thread only; a run started on another thread
+        # (a notebook's worker) keeps the process's handlers and is stopped the old way.
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif signum == signal.SIGINT and not self._saving and time.monotonic() - self.first_at > ABORT_AFTER_S:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def saving(self):
+        """A checkpoint write: no signal interrupts it."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+
+
+def _saving(state: TrainState):
+    signals = state.extra.get("signals")
+    return signals.saving() if signals is not None else nullcontext()
+
+
+class _StopAgreement:
+    """Before each step: stop now? The same answer on every rank, or the ranks that go on would
+    wait forever in the next collective for those that stopped.
+
+    One process: the handler's Python int is read, nothing on the device. Under DDP: one tiny
+    all-reduce (MAX of the signal numbers, 0 = none) per step, launched asynchronously and read at
+    the next step boundary with one ``.item()``. The read waits only for the reduction launched a
+    step earlier, so the host still runs a step ahead of the device; the stop comes one step later.
+    """
+
+    def __init__(self, state: TrainState):
+        self.state = state
+        signals = state.extra.get("signals")
+        self.local = (lambda: signals.signum or 0) if signals is not None else (lambda: 0)
+        self.pending = None
+        self.signum = 0
+
+    def __call__(self) -> bool:
+        if self.state.world_size == 1:
+            self.signum = self.local()
+            return bool(self.signum)
+        self.signum = self.finish()
+        if not self.signum:  # (every rank takes the same branch: the value was reduced)
+            flag = torch.full((), self.local(), dtype=torch.int32, device=self.state.device)  # no host sync
+            self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return bool(self.signum)
+
+    def finish(self) -> int:
+        """Wait for the reduction in flight (if any) and return its signal number."""
+        if self.pending is None:
+            return 0
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return int(flag.item())
+
+
+def _stop_with_checkpoint(state: TrainState, loader, logger: RunLogger, averager: "Averager", clock: "_Clock",
+                          signum: int) -> None:
+    """Log the means since the last log row, write a full checkpoint (unless this step already has
+    one) and raise TrainingStopped on every rank, after rank 0's file is complete."""
+    state.settle_skips()
+    if averager.sums:
+        logger.scalars(state.step, {**averager.pop(), **clock.pop()})
+    if state.extra.get("checkpoint_step") != state.step:
+        gather_rng_states(state)  # collective: every rank, same step
+        if state.is_main:
+            with _saving(state):
+                save_checkpoint(state, loader)
+    if state.world_size > 1:
+        dist.barrier()  # no rank leaves (and makes torchrun stop the others) before the file is complete
+    name = signal.Signals(signum).name
+    raise TrainingStopped(f"stopped by {name} at step {state.step}; checkpoint saved, rerun the same command "
+                          "to resume", signum, state.step, announce=state.is_main)
+
+
+class _Progress:
+    """Where the run is, for error messages raised outside the loop."""
+
+    state: Optional[TrainState] = None
+
+    @property
+    def where(self) -> str:
+        return f"at step {self.state.step}" if self.state is not None else "at start-up"
+
+
+_TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+@contextmanager
+def _collective_failures(cfg: Config, rank: int, world: int, progress: _Progress):
+    """Turn a collective that timed out (``train.ddp_timeout_s``) or lost its peer into one line
+    naming the rank and the step (CollectiveError, exit 1), instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        # NCCL raises DistBackendError; gloo a plain RuntimeError whose message starts with the
+        # gloo source file ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting
+        # 20000ms for recv operation", "[.../gloo/transport/tcp/pair.cc] Connection closed by peer").
+        backend = isinstance(e, getattr(dist, "DistBackendError", ())) or "gloo" in text
+        if world <= 1 or isinstance(e, TrainingError) or not backend:
+            raise
+        latest = checkpoint_dir(cfg) / "latest.pt"
+        last = str(latest) if latest.is_file() else "none yet"
+        if _TIMEOUT.search(text):
+            what = (f"a collective timed out after {cfg.train.ddp_timeout_s:g} s {progress.where} "
+                    "(another rank stopped or hung)")
+        else:
+            what = f"a collective failed {progress.where} (another rank stopped: {first_line(e)[:120]})"
+        raise CollectiveError(f"rank {rank}: {what}; the last checkpoint is {last}; rerun to resume") from None
 
 
 def _loop(state: TrainState, loader, val_batches, logger: RunLogger) -> Dict[str, Any]:
@@ -413,7 +624,10 @@ def _steps(state: TrainState, loader, val_batches, logger: RunLogger, progress) 
     if state.step == 0 and state.is_main:
         last_val = _run_eval(state, val_batches, logger, loader)  # the starting point of the curve
     clock.restart()
+    stop = _StopAgreement(state)
     while state.step < t.max_steps:
+        if stop():
+            _stop_with_checkpoint(state, loader, logger, averager, clock, stop.signum)
         wait_start = time.perf_counter()
         batch = next(loader)
         averager.add({"perf/data_wait_ms": 1000 * (time.perf_counter() - wait_start)})
@@ -440,7 +654,10 @@ def _steps(state: TrainState, loader, val_batches, logger: RunLogger, progress) 
             if (state.step % t.checkpoint_every == 0 or state.step == t.max_steps) and not state.nonfinite_consecutive:
                 gather_rng_states(state)  # collective: every rank, same step
                 if state.is_main:
-                    save_checkpoint(state, loader)
+                    with _saving(state):
+                        save_checkpoint(state, loader)
+                state.extra["checkpoint_step"] = state.step
+    stop.finish()  # a signal during the last step: the run is complete anyway
     summary: Dict[str, Any] = {"step": state.step, "val/mel": last_val, "best_mel": state.best_mel,
                                "skipped_steps": state.nonfinite_total}
     if state.is_main and t.export_on_end:
