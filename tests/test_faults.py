@@ -402,6 +402,7 @@ def test_read_only_run_dir(tmp_path, ljspeech_dir):
         assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_resume_with_other_discriminator_says_what_differs(run_copy, ljspeech_dir):
     before = hashes(run_copy)
     r = train(ljspeech_dir, run_copy, "--max_steps", "5", "--set", "discriminator.stft_channels=16")
@@ -480,6 +481,7 @@ STOP_ARGS = ["--max_steps", "40", "--seed", "3", "--set", "train.checkpoint_ever
              "--set", "train.eval_every=1000"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(tmp_path, ljspeech_dir):
     ref = train(ljspeech_dir, tmp_path / "ref", *STOP_ARGS)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -517,6 +519,7 @@ def test_sigterm_stops_with_a_checkpoint_and_the_rerun_matches_an_uninterrupted_
     assert torch.equal(a["opt_g"]["state"][0]["exp_avg"], b["opt_g"]["state"][0]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, ljspeech_dir):
     run, log = tmp_path / "run", tmp_path / "stderr.txt"
     args = ["--max_steps", "60", "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000"]
@@ -652,6 +655,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, ljspeech_dir):
     """SIGUSR1 to rank 1 alone (two gloo ranks): the ranks agree on the stop step through their
@@ -688,6 +692,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, ljspeech
     assert [row["step"] for row in _rows(run) if "loss/mel" in row] == list(range(1, step + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_stopped_rank_makes_the_other_exit_after_ddp_timeout_with_one_line(tmp_path, ljspeech_dir):
     """SIGSTOP rank 1 of a two-process gloo run: rank 0's next collective times out after
@@ -892,6 +897,7 @@ def _shard_rows(out: Path) -> list:
     return rows
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_detected_and_re_encoded(trained_run, few_clips, tmp_path):
     out = tmp_path / "tok"
     args = ["--audio_codec", str(trained_run / "export"), "--out_dir", str(out), "--dataset", str(few_clips),

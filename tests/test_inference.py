@@ -105,6 +105,7 @@ def test_encode_decode_equals_roundtrip_and_snac(tiny_ckpt, clips, tmp_path):
         assert torch.equal(ours, theirs[0])
 
 
+@pytest.mark.slow
 def test_export_loads_in_snac_and_decodes_identically(tiny_ckpt, clips, tmp_path):
     ckpt, _ = tiny_ckpt
     (tmp_path / "codes").mkdir()
@@ -198,6 +199,7 @@ def test_help_documents_every_flag():
     assert "compression ratio" in top and "16-bit PCM" in top
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_unless_overwrite(tiny_ckpt, clips, tmp_path):
     """An existing, unrelated file at --output is kept byte for byte: one line, exit 2; with
     --overwrite it is replaced."""

@@ -168,6 +168,7 @@ def test_dead_code_restart_reseeds_only_unused_codes_with_distinct_candidates(ti
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["tiny", "tiny_with_attention"])
 def test_train_forward_compiles_to_one_graph(arch):
     import torch._dynamo

@@ -6,11 +6,14 @@ import math
 import os
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_arms_train_and_are_scored_on_held_out_clips(tmp_path, ljspeech_dir):
     out = tmp_path / "q"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}

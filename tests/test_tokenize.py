@@ -194,6 +194,7 @@ def test_flatten_order_documented_layout():
     assert sorted(order) == sorted({(lvl, o) for lvl, n in enumerate((1, 2, 4, 8)) for o in range(n)})
 
 
+@pytest.mark.slow
 def test_yaml_run_shards_text_constants_tokens_and_save(tiny_model, lj_short, plain_dir, manifest, tmp_path):
     """One YAML-configured run over LJ Speech + a text-less folder + a manifest: every input is a
     line or a failure, fields are right, tokens equal per-clip snac.SNAC.encode, save_to_disk works."""
@@ -269,6 +270,7 @@ def test_yaml_run_shards_text_constants_tokens_and_save(tiny_model, lj_short, pl
            {k: v for k, v in before.items() if k.startswith("tokens-")}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_exactly_once(diverse_model, mixed_dir, tmp_path):
     """Killed after its first shard, with failures logged behind it and one still ahead: the
     resumed run writes every input exactly once (line or failure) and the tokens equal snac's."""
@@ -320,6 +322,7 @@ def test_long_clip_windowed_tokens_equal_snac_encode(diverse_model, long_dir, tm
     assert min(len(torch.unique(c)) for c in codes) >= 128  # code-diverse: a wrong window shows
 
 
+@pytest.mark.slow
 def test_num_shards_two_invocations_cover_the_input_once(tiny_model, plain_dir, manifest, tmp_path):
     out = tmp_path / "shards"
     base = [*_common(tiny_model, out), "--dataset", str(plain_dir), "--dataset", str(manifest),

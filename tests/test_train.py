@@ -32,6 +32,7 @@ def run_cli(args, **kw):
                           env=env, cwd=ROOT, timeout=600, **kw)
 
 
+@pytest.mark.slow
 def test_three_step_run_writes_everything(tmp_path, ljspeech_dir):
     run = tmp_path / "run"
     r = run_cli([*FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "3", "--run_dir", str(run),
@@ -68,6 +69,7 @@ def _params(path):
     [],  # the defaults: k-means codebooks at step 0, dead-code restart
     ["--set", "train.code_replacement=usage", "--set", "train.dead_code_every=1"],  # usage EMA, a check every step
 ], ids=["defaults", "usage_replacement"])
+@pytest.mark.slow
 def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, replacement):
     common = [*FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "6", "--seed", "3",
               "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3", *replacement]
@@ -103,6 +105,7 @@ def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, repl
     assert torch.equal(o1["state"][0]["exp_avg"], o2["state"][0]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_no_resume_keeps_previous_checkpoints(tmp_path, ljspeech_dir):
     args = [*FAST, "--dataset_path", str(ljspeech_dir), "--max_steps", "1", "--run_dir", str(tmp_path / "r")]
     assert run_cli(args).returncode == 0
@@ -112,6 +115,7 @@ def test_no_resume_keeps_previous_checkpoints(tmp_path, ljspeech_dir):
     assert (tmp_path / "r" / "checkpoints" / "latest.pt").is_file()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ranks_stay_identical(tmp_path, ljspeech_dir):
     """Two real gloo ranks, dead codes restarted at every step (the hard case for codebook sync):
     each rank saves its own final state and the test compares them tensor by tensor."""
@@ -240,6 +244,7 @@ def test_evaluation_leaves_the_training_random_stream_alone(tmp_path, ljspeech_d
     assert torch.equal(first["samples"][1], second["samples"][1])
 
 
+@pytest.mark.slow
 def test_overfitting_one_real_clip_lowers_mel_distance(tmp_path, ljspeech_dir):
     from training.audio import load_audio
 
@@ -291,6 +296,7 @@ def test_finetune_from_exported_model_with_frozen_encoder(tmp_path):
     assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("quantizer."))
 
 
+@pytest.mark.slow
 def test_finetune_run_resumes_with_the_pretrained_architecture(tmp_path, ljspeech_dir):
     from training.config import ModelConfig
     from training.model import build_generator
@@ -433,6 +439,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_each_rank_gets_its_own_rng_state_back_on_resume(tmp_path, ljspeech_dir):
     """2 gloo ranks: after a resume, each rank continues its own random stream (not rank 0's)."""
     probe = tmp_path / "probe.py"
