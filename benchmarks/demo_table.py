@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"usage": 0.25, "perplexity": 8.0, "mel": 4.0, "correlation": 0.8}

@@ -1,5 +1,8 @@
 """Shared fixtures: the real test corpus, deterministic seeds, small helpers."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,15 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def run_two_ranks(worker: str, out: Path, *args: str, port: int):
+    """Run ``tests/<worker>`` under a real two-process ``torchrun`` (gloo, one thread per rank),
+    require a clean exit, and return what each rank saved to ``<out>/rank<R>.pt``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "tests" / worker), str(out), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]

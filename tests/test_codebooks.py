@@ -4,14 +4,10 @@ The step-0 tests measure on real speech (ljspeech-mini crops at -16 dB, what tra
 take their codes from ``snac.SNAC.encode``, not from the training forward under test.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import snac
 import torch
 
 from training.audio import list_audio_files, load_audio, normalize_loudness
@@ -243,13 +239,9 @@ def test_new_config_keys_are_validated(key, value):
 def test_ddp_ranks_write_identical_codebooks_after_kmeans_and_usage_replacement(tmp_path):
     """Two real gloo ranks with different audio: k-means sees both ranks' latents and every rank
     ends with the same codebooks; then a usage-EMA replacement keeps them bit-identical."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(ROOT / "tests" / "ddp_codebook_worker.py"), str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    from conftest import run_two_ranks
+
+    r0, r1 = run_two_ranks("ddp_codebook_worker.py", tmp_path, port=29541)
     assert r0["counts"] == r1["counts"] == [2 * 48, 2 * 96, 2 * 192]  # both ranks' latents
     for a, b in zip(r0["after_init"], r1["after_init"]):
         assert torch.equal(a, b)

@@ -311,19 +311,9 @@ def test_dead_code_bookkeeping_never_syncs_the_host_off_check_steps(tiny, monkey
 def test_dead_code_restart_draws_from_every_rank_and_ranks_stay_identical(tmp_path):
     """Real two-process gloo run: candidates of both ranks are gathered, every rank writes the
     same (bit-identical) codebooks, and no candidate is used twice."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_two_ranks
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(root / "tests" / "ddp_restart_worker.py"), str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    r0, r1 = run_two_ranks("ddp_restart_worker.py", tmp_path, port=29531)
     assert r0["counts"] == r1["counts"] == [70, 70, 70]  # 40 + 30 candidates for 255 dead codes
     for level in range(3):
         w0, w1 = r0["weights"][level], r1["weights"][level]
@@ -341,19 +331,9 @@ def test_code_used_on_one_rank_only_is_restarted_on_no_rank(tmp_path):
     """Real two-process gloo run: code 1 is used by rank 0 only. Usage is MAX-reduced over ranks,
     so it is alive everywhere: neither rank restarts it, and both write bit-identical codebooks
     (without the reduction rank 1 would restart it alone, and the ranks would diverge)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_two_ranks
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
-           str(root / "tests" / "ddp_restart_worker.py"), str(tmp_path), "one_rank_code"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    r0, r1 = run_two_ranks("ddp_restart_worker.py", tmp_path, "one_rank_code", port=29532)
     assert r0["counts"] == r1["counts"] == [254, 254, 254]  # every code but 0 and 1
     for level in range(3):
         w0, w1, initial = r0["weights"][level], r1["weights"][level], r0["initial"][level]
