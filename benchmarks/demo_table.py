@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Is the demo a recipe or a lucky run? `make demo` for several seeds and thread counts, one table.
 
-    python benchmarks/demo_table.py [--seeds 0,1,2] [--threads 1,2] [--steps 300] [--out runs/demo_table]
+    python benchmarks/demo_table.py [--seeds 0,1,2] [--threads 1,2] [--steps 300] [--out runs/demo_table] [--reuse]
 
 Each (seed, threads) pair runs ``python -m training.demo --seed S --threads N`` in its own folder
 ``<out>/seed<S>_threads<N>`` (one-thread runs two at a time, others alone, so no run has fewer
@@ -42,6 +42,13 @@ def run_all(args) -> Dict[Tuple[int, int], Path]:
     pending = [(s, t) for t in args.threads for s in args.seeds]
     running: Dict[Tuple[int, int], Tuple[subprocess.Popen, Path]] = {}
     done: Dict[Tuple[int, int], Path] = {}
+    if args.reuse:  # finished runs (their summary.json written) are kept, not rerun
+        for key in list(pending):
+            out = args.out / f"seed{key[0]}_threads{key[1]}"
+            if (out / "summary.json").is_file():
+                pending.remove(key)
+                done[key] = out
+                print(f"seed {key[0]}, {key[1]} thread(s): reusing {out}", flush=True)
     while pending or running:
         while pending and sum(t for _, t in running) + pending[0][1] <= max(2, pending[0][1]):
             key = pending.pop(0)
@@ -80,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--steps", type=int, default=300, help="demo steps (default 300, what make demo runs)")
     p.add_argument("--out", type=Path, default=Path("runs/demo_table"), help="output folder")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the runs already finished in --out (a summary.json) instead of rerunning them")
     args = p.parse_args(argv)
     try:
         args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

@@ -213,9 +213,10 @@ class _Loader:
 
 
 def test_repeated_nonfinite_steps_stop_cleanly(tmp_path, monkeypatch):
-    # codebook_init=random: k-means would consume the loader's two good batches before step 1
+    # no data-dependent init: it would consume the loader's two good batches before step 1
     cfg = _tiny_cfg(tmp_path, **{"train.max_nonfinite_steps": 3, "train.checkpoint_every": 1,
-                                 "train.max_steps": 50, "train.codebook_init": "random"})
+                                 "train.max_steps": 50, "train.codebook_init": "random",
+                                 "train.data_dependent_init": False})
     val = [{"audio": 0.1 * torch.randn(2, 1, cfg.segment_length())}]
     monkeypatch.setattr("training.train.setup_dataset", lambda c, r, w: (_Loader(cfg.segment_length()), val))
     with pytest.raises(TrainingError, match="3 consecutive steps had non-finite losses"):
