@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import snac
 import torch
 import torch.nn.functional as F
+from snac.attention import LocalMHA, apply_rotary_pos_emb
 from snac.layers import DecoderBlock, NoiseBlock
 from torch import Tensor
 
@@ -54,10 +55,44 @@ def plain_copy(model: snac.SNAC, cfg: ModelConfig) -> snac.SNAC:
     model_ = build_generator(cfg, init=None)
     model_.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     model = model_.eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LocalMHA):
+                setattr(parent, name, WindowAttention(child))
     for m in model.modules():
         if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
             torch.nn.utils.parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return model
+
+
+class WindowAttention(torch.nn.Module):
+    """snac's ``LocalMHA`` with the windows folded into the batch axis: the same operations on 4-D
+    tensors, because ONNX's attention (and its exporter) takes 4-D query, key and value only."""
+
+    def __init__(self, mha: LocalMHA):
+        super().__init__()
+        self.norm, self.to_qkv, self.to_out, self.rel_pos = mha.norm, mha.to_qkv, mha.to_out, mha.rel_pos
+        self.heads, self.window = mha.heads, mha.window_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, T), T a multiple of the window -> (B, C, T)."""
+        b, c, t = x.shape
+        residual = x
+        x = self.norm(x.transpose(1, 2))
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        d = c // self.heads
+
+        def split(u: Tensor) -> Tensor:  # (B, T, h d) -> (B * windows, h, n, d)
+            u = u.reshape(b, t // self.window, self.window, self.heads, d)
+            return u.permute(0, 1, 3, 2, 4).reshape(-1, self.heads, self.window, d)
+
+        q, k, v = split(q), split(k), split(v)
+        if self.rel_pos is not None:
+            pos_emb, scale = self.rel_pos(k)
+            q, k = apply_rotary_pos_emb(q, k, pos_emb, scale)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B * windows, h, n, d)
+        out = out.reshape(b, t // self.window, self.heads, self.window, d).permute(0, 1, 3, 2, 4).reshape(b, t, c)
+        return self.to_out(out).transpose(1, 2) + residual
 
 
 def noise_inputs(model: snac.SNAC) -> List[int]:
@@ -147,15 +182,14 @@ def _names(model: snac.SNAC, noise: str) -> Tuple[List[str], List[str]]:
 
 
 def _dynamic_shapes(model: snac.SNAC, noise: str):
-    """(encoder, decoder) dynamic-shape specs: batch and time free, every time axis tied to frames."""
+    """(encoder, decoder) dynamic-shape specs: the batch and every time axis are dynamic (the
+    exporter derives how the decoder's time axes relate from the graph itself)."""
     from torch.export import Dim
 
-    strides = [int(s) for s in model.vq_strides]
-    batch, time, frames = Dim("batch", min=1, max=1024), Dim("time", min=1, max=2 ** 27), Dim("frames", min=1, max=2 ** 20)
-    enc = ({0: batch, 2: time},)
-    codes = tuple({0: batch, 1: frames * (strides[0] // s)} if s != strides[0] else {0: batch, 1: frames}
-                  for s in strides)
-    noises = tuple({0: batch, 2: frames * (strides[0] * up)} for up in noise_inputs(model)) if noise == "input" else ()
+    dyn = Dim.DYNAMIC
+    enc = ({0: dyn, 2: dyn},)
+    codes = tuple({0: dyn, 1: dyn} for _ in model.vq_strides)
+    noises = tuple({0: dyn, 2: dyn} for _ in noise_inputs(model)) if noise == "input" else ()
     return enc, (codes + noises,)  # the decoder takes its inputs as one *args tuple
 
 
@@ -191,9 +225,13 @@ def export_graphs(model: snac.SNAC, cfg: ModelConfig, out_dir: os.PathLike, fmt:
     out.mkdir(parents=True, exist_ok=True)
     graphs = [("encoder", EncoderGraph(plain), enc_args, enc_dyn, ["audio"], code_names),
               ("decoder", DecoderGraph(plain, noise), dec_args, dec_dyn, code_names + noise_names, ["audio"])]
-    with torch.no_grad():
+    # Size-oblivious tracing: without it the exporter guards on the traced batch being > 1 (a
+    # reshape of (B * n) rows back to (B, n) looks different when B == 1) and rejects batch 1.
+    from torch.fx.experimental import _config as fx_config
+
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         for name, module, args, dyn, inputs, outputs in graphs:
-            tmp = paths[name].with_name(f".{paths[name].name}.tmp{os.getpid()}")
+            tmp = paths[name].with_name(f".{name}.tmp{os.getpid()}.{fmt}")  # (torch.export.save wants the suffix)
             try:
                 if fmt == "onnx":
                     _onnx(module, args, dyn, inputs, outputs, tmp)
@@ -223,12 +261,18 @@ def _require(*packages: str) -> None:
 
 
 def _onnx(module: torch.nn.Module, args, dyn, inputs: List[str], outputs: List[str], path: Path) -> None:
+    import logging
     import warnings
 
+    # The exporter logs a warning per missing optional package (torchvision) on every call.
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, input_names=inputs, output_names=outputs, dynamic_shapes=dyn,
                                     opset_version=ONNX_OPSET, dynamo=True, verbose=False)
+    registry_log.setLevel(level)
     # One self-contained file (weights inline; every preset is far below protobuf's 2 GB limit).
     program.save(str(path), external_data=False)
 
