@@ -486,7 +486,7 @@ class SlidingWindowDecoder:
             raise CodecError(f"keep must lie in [0, window), got keep={keep}, window={window}")
         self.codec, self.window, self.keep = codec, window, keep
         self.strides = list(codec.cfg.vq_strides)
-        self.per = [self.strides[0] // s for s in self.strides]
+        self.per = self.codes_per_frame = [self.strides[0] // s for s in self.strides]
         self.frame_samples = self.strides[0] * codec.hop_length
         self._codes: List[List[Tensor]] = []  # per level, the last `window` frames' codes
         self._start = 0  # absolute frame index of the first kept code frame

@@ -180,7 +180,7 @@ class TokenParser:
 
 
 def _as_tokens(tokens: Union[Tensor, Sequence[int]]) -> Tensor:
-    t = torch.as_tensor(tokens)
+    t = torch.as_tensor(tokens) if len(tokens) else torch.zeros(0, dtype=torch.long)  # [] reads as float
     if t.is_floating_point() or t.is_complex() or t.dim() > 1:
         raise TokenLayoutError(f"tokens must be a 1-D sequence of integers, got {t.dtype} of shape {tuple(t.shape)}")
     return t.reshape(-1).long().cpu()
