@@ -58,7 +58,9 @@ def speech_24k(ljspeech_dir) -> torch.Tensor:
 def trained_tiny(speech_24k):
     """``(model, cfg)``: the tiny preset trained for a few steps on real speech (k-means codebooks,
     then reconstruction + VQ losses), so every weight, noise gain and Snake alpha has moved off its
-    initial value. Eval mode, CPU."""
+    initial value, then made code-diverse on that speech (``diverse_model``: a few steps leave some
+    levels on one or two codes, and "the codes are identical" would then prove little). Eval mode, CPU."""
+    from diverse_model import whiten_quantizer_inputs
     from training.codebooks import init_codebooks_from_data
     from training.config import create_training_config
     from training.losses import GeneratorLoss
@@ -77,4 +79,6 @@ def trained_tiny(speech_24k):
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-    return gen.eval(), cfg.model
+    gen.eval()
+    whiten_quantizer_inputs(gen, speech_24k)
+    return gen, cfg.model
