@@ -127,15 +127,16 @@ def test_24khz_preset_parity_on_real_speech(speech_24k, tmp_path, fmt):
     assert r["codes_identical"] and r["decoder_max_abs_error"] < TOL
 
 
-@pytest.mark.slow  # local attention (the 32 / 44 kHz layout at tiny width), ~45 s
-def test_attention_layout_onnx_parity(ljspeech_dir, tmp_path):
+@pytest.mark.slow  # local attention (the 32 / 44 kHz layout at tiny width), ~45 s per format
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_attention_layout_parity(ljspeech_dir, tmp_path, fmt):
     from training.audio import list_audio_files, load_audio
 
     torch.manual_seed(0)
     model = build_generator(TINY_ATTENTION).eval()
-    export_graphs(model, TINY_ATTENTION, tmp_path, "onnx", "input")
+    export_graphs(model, TINY_ATTENTION, tmp_path, fmt, "input")
     speech = load_audio(list_audio_files(ljspeech_dir)[1], 32000)[0, :64000]
-    r = check_parity(model, TINY_ATTENTION, tmp_path, speech, "onnx", "input")
+    r = check_parity(model, TINY_ATTENTION, tmp_path, speech, fmt, "input")
     assert r["codes_identical"] and r["decoder_max_abs_error"] < TOL
 
 
