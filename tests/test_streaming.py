@@ -130,6 +130,9 @@ def test_attention_presets_stream_equals_whole_decode(preset):
     for sizes in ([1], [3]):
         out, _ = stream(StreamingDecoder(codec), codes, sizes)
         assert (out - whole).abs().max() < TOL, sizes
+    dec = StreamingDecoder(codec)
+    assert (dec.lookahead_samples, dec.lookahead_frames) == (14735, 5)  # the figures README gives
+    check_reported_lookahead(dec, emitted_per_push(dec, random_codes(codec.cfg, 16)))
 
 
 def emitted_per_push(dec: StreamingDecoder, codes):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import snac
 import torch
@@ -120,7 +121,7 @@ class EncoderGraph(torch.nn.Module):
     def __init__(self, model: snac.SNAC):
         super().__init__()
         self.encoder, self.quantizer = model.encoder, model.quantizer
-        self.pad_multiple = int(model.hop_length) * _lcm(int(model.vq_strides[0]), model.attn_window_size or 1)
+        self.pad_multiple = int(model.hop_length) * math.lcm(int(model.vq_strides[0]), model.attn_window_size or 1)
 
     def forward(self, audio: Tensor) -> Tuple[Tensor, ...]:
         pad = (self.pad_multiple - audio.shape[-1] % self.pad_multiple) % self.pad_multiple
@@ -157,12 +158,6 @@ class DecoderGraph(torch.nn.Module):
         return x
 
 
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return math.lcm(a, b)
-
-
 def _example(model: snac.SNAC, frames: int, noise: str, batch: int = 2) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
     """(encoder args, decoder args) of a small example, for tracing."""
     hop, strides = int(model.hop_length), [int(s) for s in model.vq_strides]
@@ -196,7 +191,7 @@ def _dynamic_shapes(model: snac.SNAC, noise: str):
 def _frames_quantum(model: snac.SNAC) -> int:
     """Level-0 codes per attention window (the decoder needs whole windows)."""
     w = model.attn_window_size or 1
-    return _lcm(int(model.vq_strides[0]), w) // int(model.vq_strides[0])
+    return math.lcm(int(model.vq_strides[0]), w) // int(model.vq_strides[0])
 
 
 def export_graphs(model: snac.SNAC, cfg: ModelConfig, out_dir: os.PathLike, fmt: str = "onnx", noise: str = "input",

@@ -38,6 +38,7 @@ from snac.attention import LocalMHA
 from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit
 from torch import Tensor
 
+from ..model import Snake
 from .engine import Codec
 from .files import CodecError
 from .windows import NOISE_TILE, noise_tile
@@ -296,8 +297,8 @@ class _Attention(_Op):
 
 
 def _is_snake(m: torch.nn.Module) -> bool:
-    # snac's Snake1d, or training.model.Snake (same math, dtype-following): both hold `alpha`.
-    return isinstance(m, snac.layers.Snake1d) or (type(m).__name__ == "Snake" and hasattr(m, "alpha"))
+    # snac's Snake1d, or the dtype-following Snake our generators use (same math)
+    return isinstance(m, (snac.layers.Snake1d, Snake))
 
 
 def _compile(module: torch.nn.Module, seed: int, noise: List[int]) -> _Op:
