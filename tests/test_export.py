@@ -191,3 +191,10 @@ def test_export_command_writes_graphs_and_reports_parity(snac_dir, ljspeech_dir,
                            "--overwrite", "--noise", "off", "-q")
     assert code == 0 and err == ""
     assert json.loads((tmp_path / "export_onnx.json").read_text())["noise"] == "off"
+
+
+def test_missing_exporter_package_is_a_one_line_install_hint():
+    from training.codec.export import ExportError, _require
+
+    with pytest.raises(ExportError, match=r"needs no_such_package_xyz: pip install 'snac-training\[export\]'"):
+        _require("no_such_package_xyz")

@@ -296,3 +296,18 @@ def test_tokens_to_streamed_audio_equals_whole_decode(tiny_codec):
     parser.close()
     pieces.append(dec.flush())
     assert (torch.cat(pieces, dim=-1) - tiny_codec.decode(codes)).abs().max() < TOL
+
+
+@pytest.mark.slow  # a 10-minute stream and its whole decode on the tiny preset, ~40 s
+def test_ten_minute_stream_is_exact_with_flat_state(tiny_codec):
+    frames = int(600 * 24000 / 2048) + 1  # 10 minutes
+    codes = random_codes(tiny_codec.cfg, frames, seed=5)
+    dec, pieces, sizes = StreamingDecoder(tiny_codec), [], []
+    for i in range(0, frames, 8):
+        pieces.append(dec.push([c[:, i * r:(i + 8) * r] for c, r in zip(codes, dec.codes_per_frame)]))
+        sizes.append(dec.state_bytes())
+    pieces.append(dec.flush())
+    assert max(sizes[10:]) == max(sizes[5:10])  # nothing grew over 10 minutes
+    out = torch.cat(pieces, dim=-1)
+    whole = tiny_codec.decode(codes)  # chunked into 10 s windows with exact seams
+    assert out.shape == whole.shape and (out - whole).abs().max() < TOL
