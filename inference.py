@@ -6,6 +6,7 @@
     python inference.py encode    --checkpoint PATH --input audio.flac --output audio.npz
     python inference.py decode    --checkpoint PATH --input audio.npz --output audio.wav
     python inference.py export    --checkpoint runs/x/checkpoints/best.pt --output my_snac/
+    python inference.py export    --checkpoint my_snac/ --output onnx/ --format onnx --check audio.wav
 
 Every user mistake prints one line on stderr and exits with status 2.
 """
@@ -93,12 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(dec)
     dec.add_argument("--keep-rate", action="store_true",
                      help="resample to the original input's sample rate and length (stored in the codes file)")
-    exp = sub.add_parser("export", help="checkpoint -> SNAC directory (loads with snac.SNAC.from_pretrained)",
-                         description="Export a model to a SNAC directory (config.json + pytorch_model.bin).")
+    exp = sub.add_parser("export", help="checkpoint -> SNAC directory, or ONNX / torch.export graphs",
+                         description="Export a model: a SNAC directory (config.json + pytorch_model.bin, loads with "
+                                     "snac.SNAC.from_pretrained), or encoder and decoder graphs for other runtimes "
+                                     "(ONNX, or torch.export .pt2 programs) with dynamic batch and time axes and "
+                                     "weight norm folded in.")
     exp.add_argument("--checkpoint", "-c", required=True, metavar="PATH",
                      help="our training checkpoint (.pt), a run directory, a SNAC directory or a hub id")
     exp.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
-    exp.add_argument("--overwrite", action="store_true", help="replace a SNAC model already in DIR")
+    exp.add_argument("--overwrite", action="store_true", help="replace a model or graphs already in DIR")
+    exp.add_argument("--format", default="snac", choices=("snac", "onnx", "pt2"),
+                     help="snac: SNAC directory; onnx: DIR/encoder.onnx + DIR/decoder.onnx (needs pip install "
+                          ".[export]); pt2: DIR/encoder.pt2 + DIR/decoder.pt2 (torch.export) (default: snac)")
+    exp.add_argument("--noise", default=None, choices=("input", "off"),
+                     help="graphs only: the decoder's noise blocks take their noise as inputs noise_0.. (feed "
+                          "keyed noise to reproduce the decode of this toolkit exactly), or are removed "
+                          "(default: input)")
+    exp.add_argument("--check", metavar="AUDIO",
+                     help="graphs only: run them (onnxruntime on CPU, or the loaded .pt2) on this audio file and "
+                          "compare with the PyTorch model: codes vs snac.SNAC.encode, audio vs the PyTorch decode; "
+                          "exit status 1 when codes differ or the error exceeds --tolerance")
+    exp.add_argument("--tolerance", type=float, default=1e-4, metavar="E",
+                     help="largest acceptable max abs difference of the decoded audio in --check (default: 1e-4)")
+    exp.add_argument("--noise-seed", type=int, default=0, metavar="N",
+                     help="seed of the keyed noise fed to the decoder in --check (default: 0)")
+    exp.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     return parser
 
 
@@ -282,10 +302,44 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training.hub import export_snac, load_generator
 
+    if args.format == "snac":
+        for flag, value in (("--noise", args.noise), ("--check", args.check)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --format onnx or pt2 (graphs), not to a SNAC directory")
+        model, cfg = load_generator(args.checkpoint, device="cpu")
+        out = export_snac(model, cfg, args.output, overwrite=args.overwrite)
+        _say(args, f"exported {args.checkpoint} to {out} (load with snac.SNAC.from_pretrained({str(out)!r}))")
+        return 0
+    return _export_graphs(args)
+
+
+def _export_graphs(args: argparse.Namespace) -> int:
+    from training.audio import decode_audio
+    from training.codec.export import check_parity, export_graphs
+    from training.hub import load_generator
+
+    noise = args.noise or "input"
+    if not args.tolerance >= 0:
+        raise UsageError(f"--tolerance must be a non-negative number, got {args.tolerance}")
+    check_writable(Path(args.output), "--output-folder")
     model, cfg = load_generator(args.checkpoint, device="cpu")
-    out = export_snac(model, cfg, args.output, overwrite=args.overwrite)
-    _say(args, f"exported {args.checkpoint} to {out} (load with snac.SNAC.from_pretrained({str(out)!r}))")
-    return 0
+    audio = None
+    if args.check:
+        # Read before the slow export, so a bad path fails at once.
+        audio = decode_audio(args.check, cfg.sampling_rate)[0][0]
+    paths = export_graphs(model, cfg, args.output, args.format, noise, overwrite=args.overwrite)
+    _say(args, f"wrote {paths['encoder']}, {paths['decoder']} and {paths['meta']} (noise: {noise})")
+    if audio is None:
+        return 0
+    r = check_parity(model, cfg, args.output, audio, args.format, noise, args.noise_seed)
+    ok = r["codes_identical"] and r["decoder_max_abs_error"] <= args.tolerance
+    _say(args, f"parity on {args.check} ({r['samples'] / cfg.sampling_rate:.2f} s, {args.format}, noise {noise}): "
+               f"codes {'identical' if r['codes_identical'] else 'DIFFER'} ({r['codes_differing']} of "
+               f"{r['codes_total']} differ), decoder max abs error {r['decoder_max_abs_error']:.3g} "
+               f"(tolerance {args.tolerance:g}): {'ok' if ok else 'FAILED'}")
+    if not ok:
+        _warn(f"the exported {args.format} graphs do not match the PyTorch model (see the line above)")
+    return 0 if ok else 1
 
 
 HANDLERS = {"roundtrip": cmd_roundtrip, "encode": cmd_encode, "decode": cmd_decode, "export": cmd_export}

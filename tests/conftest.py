@@ -44,3 +44,41 @@ def run_two_ranks(worker: str, out: Path, *args: str, port: int):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+
+
+@pytest.fixture(scope="session")
+def speech_24k(ljspeech_dir) -> torch.Tensor:
+    """(1, 1, 48000): two seconds of real speech resampled to 24 kHz."""
+    from training.audio import list_audio_files, load_audio
+
+    return load_audio(list_audio_files(ljspeech_dir)[0], 24000)[..., 6000:54000][None]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(speech_24k):
+    """``(model, cfg)``: the tiny preset trained for a few steps on real speech (k-means codebooks,
+    then reconstruction + VQ losses), so every weight, noise gain and Snake alpha has moved off its
+    initial value, then made code-diverse on that speech (``diverse_model``: a few steps leave some
+    levels on one or two codes, and "the codes are identical" would then prove little). Eval mode, CPU."""
+    from diverse_model import whiten_quantizer_inputs
+    from training.codebooks import init_codebooks_from_data
+    from training.config import create_training_config
+    from training.losses import GeneratorLoss
+    from training.model import build_generator, train_forward
+
+    cfg = create_training_config(preset="tiny")
+    torch.manual_seed(0)
+    gen = build_generator(cfg.model, init=cfg.train.generator_init)
+    init_codebooks_from_data(gen, [speech_24k], iters=cfg.train.codebook_init_iters, seed=0)
+    loss_fn = GeneratorLoss(cfg.loss, cfg.model.sampling_rate)
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-3, betas=tuple(cfg.optim.betas))
+    clip = speech_24k[..., :24576]
+    for _ in range(12):
+        out = train_forward(gen, clip)
+        total, _ = loss_fn(clip, out.audio, out.commitment_loss, out.codebook_loss)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    gen.eval()
+    whiten_quantizer_inputs(gen, speech_24k)
+    return gen, cfg.model

@@ -11,6 +11,8 @@ dropped, leading ``VAR=value`` assignments skipped):
   them, and torchrun's own options appear in ``torchrun --help``;
 - ``--set KEY=VALUE`` keys and every `section.key` named in the docs are real config keys;
 - example names given to example_training.py / dataset_examples.py are listed by ``--list``.
+
+A fenced ```python block directly preceded by the marker is run as a script and must exit 0.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ DEFAULT_SUBCOMMAND = {"inference.py": "roundtrip"}
 EXAMPLE_SCRIPTS = ("example_training.py", "dataset_examples.py")
 
 
-def runnable_blocks(text: str):
-    """Yield the body of every ```bash block whose previous non-blank line is the marker."""
+def runnable_blocks(text: str, lang: str = "bash"):
+    """Yield the body of every ```<lang> block whose previous non-blank line is the marker."""
     lines = text.splitlines()
     i = 0
     while i < len(lines):
-        if lines[i].strip().startswith("```bash"):
+        if lines[i].strip().startswith("```" + lang):
             prev = next((l.strip() for l in reversed(lines[:i]) if l.strip()), "")
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```"))
             if prev == MARKER:
@@ -159,6 +161,19 @@ def check_command(words, where: str) -> None:
 
 
 COMMANDS = documented_commands()
+PYTHON_BLOCKS = [(doc, block) for doc in DOCS
+                 for block in runnable_blocks((ROOT / doc).read_text(encoding="utf-8"), "python")]
+
+
+@pytest.mark.parametrize("doc,block", PYTHON_BLOCKS, ids=[f"{d}:python#{i}" for i, (d, _) in enumerate(PYTHON_BLOCKS)])
+def test_documented_python_runs(doc, block, tmp_path):
+    """A runnable ```python block runs as a script (in an empty folder) and exits 0."""
+    script = tmp_path / "snippet.py"
+    script.write_text(block)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, f"{doc}: a runnable python block failed:\n{r.stderr[-2000:]}"
 
 
 def test_docs_have_runnable_commands():
@@ -169,6 +184,8 @@ def test_docs_have_runnable_commands():
     assert "python inference.py --checkpoint PATH --input audio.wav --output result.wav" in shown
     assert any(c.startswith("torchrun --nproc_per_node 8 train_snac.py") for c in shown)
     assert any(c.startswith("torchrun --nnodes 2") and "--rdzv_backend c10d" in c for c in shown)
+    assert any("--format onnx" in c and "--check" in c for c in shown)
+    assert any("StreamingDecoder" in b and "FrameLayout" in b for _, b in PYTHON_BLOCKS)
 
 
 @pytest.mark.parametrize("doc,words", COMMANDS, ids=[f"{d}:{' '.join(w)[:60]}" for d, w in COMMANDS])

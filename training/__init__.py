@@ -28,6 +28,8 @@ _EXPORTS: Dict[str, Tuple[str, str]] = {
     "resample": ("audio", "resample"),
     "save_audio": ("audio", "save_audio"),
     "Codec": ("codec", "Codec"),
+    "FrameLayout": ("codec", "FrameLayout"),
+    "StreamingDecoder": ("codec", "StreamingDecoder"),
     "CodecError": ("codec", "CodecError"),
     "EncodedAudio": ("codec", "EncodedAudio"),
     "compute_metrics": ("codec", "compute_metrics"),

@@ -24,6 +24,10 @@ What it adds to ``snac.SNAC.encode`` / ``decode``:
 - **Memory bound.** Model activations scale with the samples in one batch, which is at most
   ``batch_size * (chunk + 2 * context)``; whole-file buffers are float32 (4 bytes per sample at
   the model rate) plus the codes (a few bytes per token).
+- **Streaming.** :class:`StreamingDecoder` decodes codes as they arrive (a TTS model generating)
+  with the same output as one whole decode; :class:`FrameLayout` turns the interleaved token
+  streams of TTS models (7 tokens per frame at 24 kHz) into frames and back. Graph export (ONNX,
+  ``torch.export``) with a parity check lives in :mod:`training.codec.export`.
 - Device auto-selection (cuda > mps > cpu), bf16 autocast on CUDA (the nearest-code search
   stays float32), codes files (``.npz``) with validation, metrics and spectrogram plots.
 """
@@ -39,9 +43,12 @@ from .report import (
     plot_spectrograms, metrics_title,
 )
 from .windows import NOISE_TILE, Reach, receptive_field, Window, plan_windows, keyed_noise
+from .streaming import StreamingDecoder, SlidingWindowDecoder
+from .tokens import ORPHEUS_BASE, FrameLayout, TokenParser, TokenLayoutError, frame_order
 
 __all__ = [
-    'CODES_FORMAT_VERSION', 'CPU_BATCH_SIZE', 'Codec', 'CodecError', 'DEFAULT_BATCH_SIZE',
+    'CODES_FORMAT_VERSION', 'CPU_BATCH_SIZE', 'Codec', 'CodecError', 'DEFAULT_BATCH_SIZE', 'FrameLayout',
+    'ORPHEUS_BASE', 'SlidingWindowDecoder', 'StreamingDecoder', 'TokenLayoutError', 'TokenParser', 'frame_order',
     'DEFAULT_CHUNK_SECONDS', 'EncodedAudio', 'GPU_BATCH_SIZE', 'METRIC_SEGMENT_SECONDS', 'NOISE_TILE',
     'PathLike', 'Reach', 'RoundTrip', 'TABLE_COLUMNS', 'Window', 'collect_inputs', 'compute_metrics',
     'fit_length', 'format_table', 'keyed_noise', 'load_codec', 'load_codes', 'mean_metrics',

@@ -113,7 +113,12 @@ def keyed_noise(seed: int, block: int, start: int, length: int) -> Tensor:
     ``(seed, block, tile)``, so any slice is reproducible without drawing what precedes it.
     """
     first, last = start // NOISE_TILE, (start + length - 1) // NOISE_TILE
-    tiles = [np.random.default_rng([seed, block, t]).standard_normal(NOISE_TILE, dtype=np.float32)
-             for t in range(first, last + 1)]
+    tiles = [noise_tile(seed, block, t) for t in range(first, last + 1)]
     offset = start - first * NOISE_TILE
     return torch.from_numpy(np.concatenate(tiles)[offset:offset + length])
+
+
+def noise_tile(seed: int, block: int, tile: int) -> np.ndarray:
+    """Tile ``tile`` of block ``block``'s keyed noise: float32 ``(NOISE_TILE,)`` for absolute
+    positions ``[tile * NOISE_TILE, (tile + 1) * NOISE_TILE)``."""
+    return np.random.default_rng([seed, block, tile]).standard_normal(NOISE_TILE, dtype=np.float32)
