@@ -91,8 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/finetune_recipe"))
     p.add_argument("--base_steps", type=int, default=300, help="pretraining steps on the synthetic corpus")
     p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per mode")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate, the same for every mode "
-                   "(a short CPU run; the modes' own defaults are for long runs of the published models)")
+    p.add_argument("--lrs", default="mode,1e-3", help="comma-separated fine-tuning learning rates; each runs every "
+                   "mode. 'mode' = the mode's own rate (train.finetune's default, made for long runs of the published "
+                   "models); a number = that rate for every mode (default: mode,1e-3)")
     p.add_argument("--disc_warmup", type=int, default=20, help="discriminator warm-up steps of each fine-tune")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -111,25 +112,27 @@ def main(argv=None) -> int:
     _, old_val = build_dataloaders(base_cfg)
     old_before = val_mel(base, old_val, base_cfg)
     rows = []
-    for mode in FINETUNE_MODES:
-        start = time.perf_counter()
-        cfg = finetune_config(args.out, mode, base, args.steps, args.lr, args.disc_warmup)
-        cfg.train.resume = False
-        summary = train_main(cfg)
-        times[mode] = time.perf_counter() - start
-        metrics = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
-        evals = [m for m in metrics if "val/mel" in m]
-        rows.append({"mode": mode, "command": command(cfg), "new_before": evals[0]["val/mel"],
-                     "new_after": evals[-1]["val/mel"], "agreement": summary["code_agreement"],
-                     "old_before": old_before, "old_after": val_mel(Path(summary["export_dir"]), old_val, base_cfg),
-                     "seconds": times[mode]})
-        print(f"fine-tuned ({mode}) {args.steps} steps: {times[mode]:.0f} s", flush=True)
+    for lr_text in args.lrs.split(","):
+        for mode in FINETUNE_MODES:
+            lr = FINETUNE_MODES[mode]["optim.lr"] if lr_text.strip() == "mode" else float(lr_text)
+            start = time.perf_counter()
+            cfg = finetune_config(args.out / f"lr{lr:g}", mode, base, args.steps, lr, args.disc_warmup)
+            cfg.train.resume = False
+            summary = train_main(cfg)
+            seconds = time.perf_counter() - start
+            metrics = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
+            evals = [m for m in metrics if "val/mel" in m]
+            rows.append({"mode": mode, "lr": lr, "command": command(cfg), "new_before": evals[0]["val/mel"],
+                         "new_after": evals[-1]["val/mel"], "agreement": summary["code_agreement"],
+                         "old_before": old_before,
+                         "old_after": val_mel(Path(summary["export_dir"]), old_val, base_cfg), "seconds": seconds})
+            print(f"fine-tuned ({mode}, lr {lr:g}) {args.steps} steps: {seconds:.0f} s", flush=True)
 
     table = format_table(rows)
     total = time.perf_counter() - t0
     print("\n" + table)
     print(f"\nwall time: {total:.0f} s (pretraining {times['pretrain']:.0f} s; fine-tunes "
-          + ", ".join(f"{m} {times[m]:.0f} s" for m in FINETUNE_MODES) + ")")
+          + ", ".join(f"{r['mode']} lr {r['lr']:g} {r['seconds']:.0f} s" for r in rows) + ")")
     print("\ncommands of the fine-tunes:\n" + "\n".join(r["command"] for r in rows))
     (args.out / "finetune_table.md").write_text(table + "\n")
     (args.out / "finetune_table.json").write_text(json.dumps({"rows": rows, "seconds": total}, indent=2))
@@ -137,13 +140,13 @@ def main(argv=None) -> int:
 
 
 def format_table(rows: List[Dict]) -> str:
-    lines = ["| mode | trains | val mel, new domain (LJ Speech): before -> after | code agreement L0 / L1 / L2 "
+    lines = ["| mode | trains | lr | val mel, new domain (LJ Speech): before -> after | code agreement L0 / L1 / L2 "
              "| val mel, old domain (synthetic): before -> after |",
-             "|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|"]
     trains = {"decoder": "decoder", "decoder+encoder": "decoder, encoder", "full": "decoder, encoder, quantizer"}
     for r in rows:
         agree = " / ".join(f"{100 * a:.3f} %" for a in r["agreement"])
-        lines.append(f"| `{r['mode']}` | {trains[r['mode']]} | {r['new_before']:.3f} -> {r['new_after']:.3f} | {agree} "
+        lines.append(f"| `{r['mode']}` | {trains[r['mode']]} | {r['lr']:g} | {r['new_before']:.3f} -> {r['new_after']:.3f} | {agree} "
                      f"| {r['old_before']:.3f} -> {r['old_after']:.3f} |")
     return "\n".join(lines)
 

@@ -74,8 +74,8 @@ def _codec(model: Union[PathLike, Codec], device: Optional[str], batch_size: Opt
 def _check_layouts(a: Codec, b: Codec) -> None:
     """Codes of two models are comparable only with the same rate, hop and level strides."""
     for name in ("sampling_rate", "hop_length", "vq_strides"):
-        va, vb = getattr(a.cfg, name), getattr(b.cfg, name)
-        if (list(va) if isinstance(va, (tuple, list)) else va) != (list(vb) if isinstance(vb, (tuple, list)) else vb):
+        va, vb = (list(v) if isinstance(v, (tuple, list)) else v for v in (getattr(a.cfg, name), getattr(b.cfg, name)))
+        if va != vb:
             raise CodecError(f"the two models' codes cannot be compared: {name} {va} (model A) vs {vb} (model B)")
 
 
