@@ -3,7 +3,7 @@
 held-out clips that no arm ever trained on.
 
     python benchmarks/quality_run.py [--data tests/data/ljspeech-mini] [--steps 300] [--preset tiny]
-                                     [--arms a,b,c,d,e,f] [--heldout 6] [--parallel 2] [--out runs/quality]
+                                     [--arms a,b,c,d,e,f,g] [--heldout 6] [--parallel 2] [--out runs/quality]
 
 The audio files of ``--data`` (searched recursively, sorted by name) are split once: the last
 ``--heldout`` files go to ``<out>/data/validation``, the rest to ``<out>/data/train`` (symbolic
@@ -12,18 +12,21 @@ links). Each arm trains through the real CLI (``train_snac.py``) with ``data.spl
 
 Arms (each isolates one change of the recipe against (a)):
 
-* ``a``  the defaults: DAC's initialisation (zero conv biases), k-means codebooks from the first
-         batches, trained codebooks with dead-code restart, DAC-faithful discriminator input,
+* ``a``  the defaults: DAC's initialisation (zero conv biases), then the data-dependent init (every
+         encoder convolution and input projection standardised on the first batches), k-means
+         codebooks from the same batches, trained codebooks with dead-code restart, DAC-faithful discriminator input,
          loudness -16 dB, clipping 1e3 / 10, mel + STFT losses
 * ``b``  what a trainer built on ``snac``'s own forward gets: ``snac.SNAC()``'s default init,
          random frozen codebooks (commitment = codebook = 0, no replacement), mel 15, STFT 15 (5
          for the first 500 steps: trained as two legs, the second resuming the first),
          adversarial 1, feature matching 2, generator clipped at 1.0, discriminator unclipped,
          raw discriminator input, no loudness norm
-* ``c``  the defaults with ``snac.SNAC()``'s default initialisation (PyTorch's conv biases)
+* ``c``  the defaults with ``snac.SNAC()``'s default initialisation (PyTorch's conv biases) and
+         no data-dependent init (which would re-set those biases from data)
 * ``d``  the defaults without data-driven codebooks (``nn.Embedding``'s random N(0, 1) codes)
 * ``e``  the defaults with the other replacement rule (usage EMA <-> dead-code restart)
 * ``f``  the defaults with the rotation trick instead of the straight-through gradient
+* ``g``  the defaults without the data-dependent init (DAC's zero biases only)
 
 After training, every arm's final generator encodes and decodes each held-out clip whole; the
 script writes ``<out>/quality.md`` (one table: multi-scale mel distance, STFT distance, SI-SDR,
@@ -53,17 +56,19 @@ from training.config import TrainConfig  # noqa: E402 - after the path insert
 OTHER_RULE = "restart" if TrainConfig.code_replacement == "usage" else "usage"
 ARM_NAMES = {"a": "defaults", "b": "snac-forward baseline", "c": "defaults, snac's default init",
              "d": "defaults, random codebooks", "e": f"defaults, {OTHER_RULE} replacement",
-             "f": "defaults, rotation trick"}
+             "f": "defaults, rotation trick", "g": "defaults, no data-dependent init"}
 ARMS: Dict[str, List[str]] = {
     "a": [],
-    "b": ["train.generator_init=snac", "train.codebook_init=random", "loss.commitment=0", "loss.codebook=0",
+    "b": ["train.generator_init=snac", "train.data_dependent_init=false", "train.codebook_init=random", "loss.commitment=0", "loss.codebook=0",
           "train.code_replacement=null", "train.dead_code_steps=0", "loss.mel=15", "loss.adversarial=1",
           "loss.feature_matching=2", "optim.grad_clip_generator=1.0", "optim.grad_clip_discriminator=null",
           "discriminator.preprocess=false", "data.loudness_db=null"],
-    "c": ["train.generator_init=snac"],
+    # snac's default init and none of ours: the data-dependent init would also re-set the biases
+    "c": ["train.generator_init=snac", "train.data_dependent_init=false"],
     "d": ["train.codebook_init=random"],
     "e": [f"train.code_replacement={OTHER_RULE}"],
     "f": ["train.rotation_trick=true"],
+    "g": ["train.data_dependent_init=false"],
 }
 
 
@@ -121,7 +126,7 @@ def train_command(arm: str, args, max_steps: int, stft: float = None, fresh: boo
     return cmd
 
 
-SHORT_ARMS = ("d", "e", "f")  # the single-change ablations: --short_steps when given
+SHORT_ARMS = ("d", "e", "f", "g")  # the single-change ablations: --short_steps when given
 
 
 def arm_steps(arm: str, args) -> int:
@@ -264,7 +269,7 @@ def parse_args(argv=None):
                    help="folder of audio files (default: the repository's ljspeech-mini)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output folder (default runs/quality)")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny; 24khz for the real run)")
-    p.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated arms out of a..f (default all)")
+    p.add_argument("--arms", default="a,b,c,d,e,f,g", help="comma-separated arms out of a..g (default all)")
     p.add_argument("--steps", type=int, default=300, help="training steps per arm (default 300)")
     p.add_argument("--short_steps", type=int, default=None,
                    help="training steps of the single-change arms d, e, f (default: --steps); the table's "

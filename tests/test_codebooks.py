@@ -12,7 +12,8 @@ import torch
 
 from training.audio import list_audio_files, load_audio, normalize_loudness
 from training.codebooks import (
-    UsageReplacer, VQHealth, collapse_warnings, init_codebooks_from_data, kmeans_codebook, mean_fraction,
+    UsageReplacer, VQHealth, collapse_warnings, init_codebooks_from_data, init_encoder_from_data, kmeans_codebook,
+    mean_fraction,
 )
 from training.config import ConfigError, create_training_config, model_preset
 from training.model import build_generator, init_generator, rotate_onto, train_forward
@@ -115,6 +116,78 @@ def test_data_driven_codebooks_use_most_codes_at_step0(speech):
         distinct = len(torch.unique(codes_after[level]))
         assert distinct > len(torch.unique(codes_before[level]))
         assert distinct >= 0.9 * min(codes_after[level].numel(), 256)  # measured 96 / 192 / 256
+
+
+def test_data_dependent_init_standardises_every_encoder_conv(speech):
+    """After init_encoder_from_data, every encoder convolution's output channels are zero-mean and
+    unit-variance on the init audio (measured here with independent hooks), and standardising a
+    level's input projection leaves the decoder's input exactly as it was."""
+    model, _, _ = _step0("dac", speech)
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv1d)]
+    stats = {}
+
+    def grab(conv):
+        def hook(_m, _i, out):
+            y = out.double().transpose(0, 1).reshape(out.shape[1], -1)
+            stats[conv] = (y.mean(1), y.std(1, unbiased=False))
+        return hook
+
+    handles = [c.register_forward_hook(grab(c)) for c in convs]
+    with torch.no_grad():
+        model.encoder(speech)
+    before = {c: s for c, s in stats.items()}
+    assert max(float(s[1].mean()) for s in before.values()) < 0.1  # PyTorch's init: small activations
+    assert init_encoder_from_data(model, [speech[:6], speech[6:]]) == len(convs)
+    with torch.no_grad():
+        z = model.encoder(speech)
+    for h in handles:
+        h.remove()
+    for conv in convs:
+        mean, std = stats[conv]
+        assert mean.abs().max() < 1e-3 and (std - 1).abs().max() < 1e-3
+    with torch.no_grad():
+        vq = model.quantizer.quantizers[0]
+        pooled = torch.nn.functional.avg_pool1d(z, vq.stride, vq.stride)
+        decoder_input = vq.out_proj(vq.in_proj(pooled))
+        init_codebooks_from_data(model, [speech], iters=2, seed=0, standardise=True)
+        z_e = vq.in_proj(pooled)
+        torch.testing.assert_close(vq.out_proj(z_e), decoder_input, rtol=1e-4, atol=1e-4)
+    rows = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
+    assert rows.mean(0).abs().max() < 1e-4 and (rows.std(0, unbiased=False) - 1).abs().max() < 1e-4
+
+
+def _mean_fraction_after_steps(speech, data_init: bool, steps: int = 12):
+    """Encoder-output mean fraction after ``steps`` AdamW steps at the demo's warm-up rates."""
+    from training.losses import GeneratorLoss
+
+    cfg = create_training_config(preset="tiny")
+    torch.manual_seed(0)
+    model = build_generator(cfg.model, init="dac")
+    batch = speech[:4, :, :8192]
+    if data_init:
+        init_encoder_from_data(model, [batch])
+    init_codebooks_from_data(model, [batch], iters=5, seed=0, standardise=data_init)
+    loss_fn = GeneratorLoss(cfg.loss, cfg.model.sampling_rate)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=tuple(cfg.optim.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))  # the demo's warm-up
+    for step in range(steps):
+        crop = speech[4 * (step % 3):4 * (step % 3) + 4, :, :8192]
+        out = train_forward(model, crop)
+        total, _ = loss_fn(crop, out.audio, out.commitment_loss, out.codebook_loss)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        return mean_fraction(model.encoder(speech))
+
+
+def test_data_dependent_init_keeps_the_latents_apart_in_the_first_steps(speech):
+    """The collapse it prevents: from PyTorch's small activations, a dozen warm-up steps put one
+    common offset on every frame (the encoder output becomes nearly one vector); from unit scale
+    the same steps leave the frames spread."""
+    assert _mean_fraction_after_steps(speech, data_init=False) > 0.8  # measured 0.94 (torch 2.14 CPU)
+    assert _mean_fraction_after_steps(speech, data_init=True) < 0.3  # measured 0.035
 
 
 def test_usage_replacer_replaces_rarely_used_codes_only():
@@ -245,6 +318,10 @@ def test_ddp_ranks_write_identical_codebooks_after_kmeans_and_usage_replacement(
     assert r0["counts"] == r1["counts"] == [2 * 48, 2 * 96, 2 * 192]  # both ranks' latents
     for a, b in zip(r0["after_init"], r1["after_init"]):
         assert torch.equal(a, b)
+    # the data-dependent scale also used both ranks' audio: every generator tensor is identical
+    assert r0["generator_after_init"].keys() == r1["generator_after_init"].keys()
+    for key, a in r0["generator_after_init"].items():
+        assert torch.equal(a, r1["generator_after_init"][key]), key
     for a, b, initial in zip(r0["after_replace"], r1["after_replace"], r0["after_init"]):
         assert torch.equal(a, b)
         assert not torch.equal(a, initial)  # a replacement happened

@@ -655,6 +655,16 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _start_two_rank_run(run: Path, log: Path, data: Path, port: int, setting: str) -> subprocess.Popen:
+    """A long two-process gloo training run under torchrun (stderr to ``log``), with one extra
+    ``--set`` ``setting``; the caller stops it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(data), "--run_dir", str(run),
+           "--device", "cpu", "--max_steps", "500", "--set", setting, "--set", "train.eval_every=1000"]
+    with open(log, "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, ljspeech_dir):
@@ -662,12 +672,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, ljspeech
     per-step all-reduce, rank 0 writes the checkpoint (with both ranks' RNG states) and says so
     once, and both exit 138."""
     run, log = tmp_path / "ddp", tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
-           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--run_dir", str(run),
-           "--device", "cpu", "--max_steps", "500", "--set", "train.checkpoint_every=1000",
-           "--set", "train.eval_every=1000"]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    proc = _start_two_rank_run(run, log, ljspeech_dir, 29544, "train.checkpoint_every=1000")
     try:
         ranks = _rank_pids(proc, 2)
         wait_for_step(run, 3, proc)
@@ -700,12 +705,7 @@ def test_stopped_rank_makes_the_other_exit_after_ddp_timeout_with_one_line(tmp_p
     from training.checkpoint import read_checkpoint
 
     run, log = tmp_path / "ddp", tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-           str(ROOT / "train_snac.py"), *FAST, "--dataset_path", str(ljspeech_dir), "--run_dir", str(run),
-           "--device", "cpu", "--max_steps", "500", "--set", "train.ddp_timeout_s=20",
-           "--set", "train.eval_every=1000"]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    proc = _start_two_rank_run(run, log, ljspeech_dir, 29543, "train.ddp_timeout_s=20")
     ranks = {}
     try:
         ranks = _rank_pids(proc, 2)

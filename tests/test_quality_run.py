@@ -50,6 +50,7 @@ def test_two_arms_train_and_are_scored_on_held_out_clips(tmp_path, ljspeech_dir)
     cfg_b = (out / "b" / "config.yaml").read_text()
     assert "commitment: 0.0" in cfg_b and "dead_code_steps: 0" in cfg_b and "stft: 5.0" in cfg_b
     assert "generator_init: snac" in cfg_b and "codebook_init: random" in cfg_b and "code_replacement: null" in cfg_b
+    assert "data_dependent_init: false" in cfg_b and "data_dependent_init: true" in (out / "a" / "config.yaml").read_text()
     assert "generator_init: dac" in (out / "a" / "config.yaml").read_text()
 
 

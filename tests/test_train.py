@@ -76,6 +76,7 @@ def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, repl
     ref = run_cli([*common, "--run_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert "codebooks initialised by k-means" in ref.stderr  # a fresh run sets its codebooks from data
+    assert "encoder scaled to unit variance" in ref.stderr  # ... after the data-dependent init
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -93,7 +94,7 @@ def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, repl
     resumed = run_cli([*common, "--run_dir", str(run)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from" in resumed.stderr and f"at step {step_at_kill}" in resumed.stderr
-    assert "k-means" not in resumed.stderr  # ... a resumed one keeps the checkpoint's
+    assert "k-means" not in resumed.stderr and "unit variance" not in resumed.stderr  # a resumed one keeps its own
     s1, g1, d1, o1 = _params(tmp_path / "ref" / "checkpoints" / "latest.pt")
     s2, g2, d2, o2 = _params(run / "checkpoints" / "latest.pt")
     assert s1 == s2 == 6

@@ -94,20 +94,30 @@ def _random_rows(rows: Tensor, k: int, generator: torch.Generator, noise: float)
 
 
 @torch.no_grad()
-def init_codebooks_from_data(model: snac.SNAC, batches: List[Tensor], iters: int = 20, seed: int = 0) -> List[int]:
+def init_codebooks_from_data(model: snac.SNAC, batches: List[Tensor], iters: int = 20, seed: int = 0,
+                             standardise: bool = False) -> List[int]:
     """Set every level's codebook by :func:`kmeans_codebook` on that level's latents ``z_e``.
 
     batches: audio tensors (B, 1, T) at the model's rate, on the model's device. Level by level,
     coarsest first: the latents of level ``i`` come from the residual left by levels ``< i``
     quantized with their *new* codebooks, exactly as training will see them. Under DDP every
     rank passes its own batches; the latents of all ranks are gathered, and rank 0's codebook is
-    broadcast, so every rank writes the same one. Returns the number of latents per level.
+    broadcast, so every rank writes the same one. With ``standardise``, each level's input
+    projection is first made to give zero-mean, unit-variance latents (see
+    :func:`init_encoder_from_data` for why) and its output projection absorbs the change, so the
+    decoder's input is what it was. Returns the number of latents per level.
     """
     generator = torch.Generator().manual_seed(seed)
     residuals = [model.encoder(pad_to_unit(model, audio.float())) for audio in batches]
     counts = []
     for vq in model.quantizer.quantizers:
-        latents = [vq.in_proj(F.avg_pool1d(r, vq.stride, vq.stride) if vq.stride > 1 else r) for r in residuals]
+        pooled = [F.avg_pool1d(r, vq.stride, vq.stride) if vq.stride > 1 else r for r in residuals]
+        latents = [vq.in_proj(z) for z in pooled]
+        if standardise:
+            mean, std = _channel_moments(latents)
+            _standardise_conv(vq.in_proj, mean, std)
+            _absorb_input_shift(vq.out_proj, mean, std)
+            latents = [vq.in_proj(z) for z in pooled]
         rows = _gather_rows(torch.cat([z.transpose(1, 2).reshape(-1, z.shape[1]) for z in latents]).float())
         weight = vq.codebook.weight
         weight.data.copy_(kmeans_codebook(rows, weight.shape[0], iters, generator).to(weight.dtype))
@@ -116,6 +126,81 @@ def init_codebooks_from_data(model: snac.SNAC, batches: List[Tensor], iters: int
         counts.append(len(rows))
         residuals = [r - _quantize_level(vq, r)[0] for r in residuals]
     return counts
+
+
+# --------------------------------------------------------------------------------------
+# Data-dependent scale (weight normalisation's initialisation)
+# --------------------------------------------------------------------------------------
+
+
+def _channel_moments(outputs: List[Tensor]) -> "tuple[Tensor, Tensor]":
+    """Per-channel mean and standard deviation of ``outputs`` (each (B, C, T)) over every batch,
+    frame and rank (sums all-reduced under DDP, so every rank computes the same numbers)."""
+    c = outputs[0].shape[1]
+    sums = torch.zeros(3, c, dtype=torch.float64, device=outputs[0].device)
+    for y in outputs:
+        y = y.double().transpose(0, 1).reshape(c, -1)
+        sums[0] += y.shape[1]
+        sums[1] += y.sum(1)
+        sums[2] += y.pow(2).sum(1)
+    if _distributed():
+        dist.all_reduce(sums)
+    mean = sums[1] / sums[0]
+    var = (sums[2] / sums[0] - mean.pow(2)).clamp_min(0)
+    return mean.float(), var.sqrt().float()
+
+
+def _standardise_conv(conv: torch.nn.Conv1d, mean: Tensor, std: Tensor) -> None:
+    """Rescale ``conv`` (weight-normalised or plain) so the output channel whose data moments are
+    ``mean``/``std`` becomes zero-mean, unit-variance: w <- w / std, b <- (b - mean) / std."""
+    scale = 1.0 / std.clamp_min(1e-8)
+    weight = conv.weight * scale[:, None, None]  # parametrised: the effective weight g * v / |v|
+    # Assigning a parametrised weight goes through weight norm's right_inverse (g = |w|, v = w).
+    conv.weight = weight.detach()
+    if conv.bias is not None:
+        conv.bias.data.copy_((conv.bias - mean) * scale)
+
+
+def _absorb_input_shift(conv: torch.nn.Conv1d, mean: Tensor, std: Tensor) -> None:
+    """Make ``conv`` (a 1x1 projection) give the same output for inputs standardised with
+    ``mean``/``std`` as it gave for the raw ones: w <- w * std (per input channel), b <- b + w @ mean."""
+    weight = conv.weight.detach()
+    if conv.bias is not None:
+        conv.bias.data.add_(weight[..., 0] @ mean)
+    conv.weight = (weight * std[None, :, None]).detach()
+
+
+def _encoder_convs(model: snac.SNAC) -> List[torch.nn.Conv1d]:
+    """The encoder's convolutions in forward order (snac registers them in the order it runs them)."""
+    return [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv1d)]
+
+
+@torch.no_grad()
+def init_encoder_from_data(model: snac.SNAC, batches: List[Tensor]) -> int:
+    """Weight normalisation's data-dependent initialisation (Salimans & Kingma 2016) of the encoder.
+
+    Convolution by convolution in forward order, each output channel is made zero-mean and
+    unit-variance on ``batches`` (audio (B, 1, T) at the model's rate), the earlier ones already
+    rescaled. Why: at PyTorch's initialisation the encoder's activations shrink layer after
+    layer (the tiny preset's output RMS is ~0.004), while Adam moves every bias by about the
+    learning rate each step. Within ten warm-up steps at lr 1e-3 those biases put a common
+    offset on every frame far larger than the frames' spread, every latent points the same way
+    (mean fraction 0.97), and the cosine code search sends every frame to one or two codes. At
+    unit scale the same steps are a small relative change. Under DDP the moments are summed over
+    ranks, so every rank writes the same weights. Returns the number of convolutions set.
+    """
+    convs = _encoder_convs(model)
+    inputs = [pad_to_unit(model, audio.float()) for audio in batches]
+    for conv in convs:
+        captured: List[Tensor] = []
+        handle = conv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            for x in inputs:
+                model.encoder(x)  # the whole encoder: cheap next to training, and no special cases
+        finally:
+            handle.remove()
+        _standardise_conv(conv, *_channel_moments(captured))
+    return len(convs)
 
 
 # --------------------------------------------------------------------------------------

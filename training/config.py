@@ -207,6 +207,11 @@ class TrainConfig:
     # training batches before step 1 (codebooks.init_codebooks_from_data); "random" keeps
     # nn.Embedding's N(0, 1) draw. Skipped when fine-tuning (init_from) or resuming.
     codebook_init: str = "kmeans"
+    # ours: before the codebooks, rescale the encoder's convolutions and each level's input
+    # projection so their outputs are zero-mean, unit-variance on those same batches (weight
+    # normalisation's data-dependent init; codebooks.init_encoder_from_data says why). Fresh
+    # from-scratch runs only, like codebook_init.
+    data_dependent_init: bool = True
     codebook_init_batches: int = 16
     codebook_init_iters: int = 20
     rotation_trick: bool = False  # Fifty et al. 2024: gradient through the code search by rotation

@@ -41,7 +41,7 @@ from .checkpoint import (
     ResumePoint, adopt_best, checkpoint_dir, checkpoint_files, gather_rng_states, load_checkpoint, read_checkpoint,
     save_checkpoint,
 )
-from .codebooks import VQHealth, collapse_warnings, init_codebooks_from_data
+from .codebooks import VQHealth, collapse_warnings, init_codebooks_from_data, init_encoder_from_data
 from .config import Config, ConfigError, to_config
 from .errors import TrainingStopped, first_line
 from .hub import export_snac
@@ -209,7 +209,22 @@ def _step_metrics(state: TrainState, terms: Dict[str, Tensor], d_loss: Tensor, t
     for level in range(out.codebook_usage.shape[0]):
         metrics[f"codebook/usage_level{level}"] = out.codebook_usage[level].detach()
         metrics[f"codebook/perplexity_level{level}"] = out.codebook_perplexity[level].detach()
+    for level, z in enumerate(out.latents):
+        # The collapse this watches for (every frame one vector) and its usual companion (the
+        # latents' scale running away) show here before the validation numbers move.
+        frac, rms = _latent_shape(z)
+        metrics[f"codebook/latent_mean_fraction_level{level}"] = frac
+        metrics[f"codebook/latent_rms_level{level}"] = rms
     return metrics
+
+
+def _latent_shape(z: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean fraction ``||mean_t z_t||^2 / mean_t ||z_t||^2`` and RMS of latents ``z`` (B, D, T), as
+    device tensors (no host sync; :func:`training.codebooks.mean_fraction` is the host version)."""
+    rows = z.detach().float().transpose(1, 2).reshape(-1, z.shape[1])
+    mean_sq = rows.pow(2).sum(1).mean()
+    frac = rows.mean(0).pow(2).sum() / mean_sq.clamp_min(1e-30)
+    return frac, (mean_sq / z.shape[1]).sqrt()
 
 
 @torch.no_grad()
@@ -394,22 +409,32 @@ def _reference_codes(state: TrainState, val_batches, fresh: bool, notes: List[st
     return reference
 
 
-def _wants_codebook_init(cfg: Config) -> bool:
-    """k-means codebooks for a fresh from-scratch run only: a resumed run has its codebooks in
-    the checkpoint, and a fine-tune keeps the pretrained ones (and so its tokens)."""
+def _wants_data_init(cfg: Config) -> bool:
+    """Data-dependent initialisation (encoder scale, k-means codebooks) for a fresh from-scratch
+    run only: a resumed run has its weights in the checkpoint, and a fine-tune keeps the
+    pretrained ones (and so its tokens)."""
     t = cfg.train
-    return t.codebook_init == "kmeans" and not t.init_from and not t.freeze_quantizer
+    fresh = not t.init_from and not t.freeze_quantizer
+    return fresh and (t.codebook_init == "kmeans" or (t.data_dependent_init and not t.freeze_encoder))
 
 
-def _init_codebooks(state: TrainState, loader) -> str:
-    """Set the codebooks from the first ``codebook_init_batches`` training batches (every rank
-    its own; see :func:`init_codebooks_from_data`). The batches are consumed: training goes on
-    with the next ones, and the loader's position is in every checkpoint, so resume is exact."""
+def _init_from_data(state: TrainState, loader) -> str:
+    """Initialise from the first ``codebook_init_batches`` training batches (every rank its own):
+    the encoder's and the input projections' scale (:func:`init_encoder_from_data`), then the
+    codebooks (:func:`init_codebooks_from_data`). The batches are consumed: training goes on with
+    the next ones, and the loader's position is in every checkpoint, so resume is exact."""
     t = state.cfg.train
     batches = [next(loader)["audio"].to(state.device) for _ in range(t.codebook_init_batches)]
-    counts = init_codebooks_from_data(state.generator, batches, iters=t.codebook_init_iters, seed=t.seed)
-    return (f"codebooks initialised by k-means on {', '.join(map(str, counts))} latents per level "
-            f"({t.codebook_init_batches} batches per rank)")
+    notes = []
+    standardise = t.data_dependent_init and not t.freeze_encoder
+    if standardise:
+        n = init_encoder_from_data(state.generator, batches)
+        notes.append(f"encoder scaled to unit variance ({n} convolutions)")
+    if t.codebook_init == "kmeans":
+        counts = init_codebooks_from_data(state.generator, batches, iters=t.codebook_init_iters, seed=t.seed,
+                                          standardise=standardise)
+        notes.append(f"codebooks initialised by k-means on {', '.join(map(str, counts))} latents per level")
+    return f"{'; '.join(notes)} ({t.codebook_init_batches} batches per rank)"
 
 
 def train_main(config) -> Dict[str, Any]:
@@ -502,8 +527,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, signals: "S
         notes.append(point.describe())
         notes += [describe_applied(changes, state.step)] if changes else []
         point = None  # drop the loaded tensors
-    elif _wants_codebook_init(cfg):
-        notes.append(_init_codebooks(state, loader))
+    elif _wants_data_init(cfg):
+        notes.append(_init_from_data(state, loader))
     if rank == 0:
         best_note = adopt_best(state)
         notes += [best_note] if best_note else []
