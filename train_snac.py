@@ -25,8 +25,9 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 from training.cli import OneLineParser, guard
-from training.config import (DATASET_CONFIGS, MODEL_PRESETS, ConfigError, apply_dataset_preset, apply_overrides,
-                             create_training_config, load_config, model_preset, set_dotted)
+from training.config import (DATASET_CONFIGS, FINETUNE_MODES, MODEL_PRESETS, ConfigError, apply_dataset_preset,
+                             apply_finetune_mode, apply_overrides, create_training_config, load_config, model_preset,
+                             set_dotted)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, help="total training steps (paper: 800000)")
     p.add_argument("--init_from", metavar="MODEL", help="fine-tune from a SNAC directory, hub id "
                    "(e.g. hubertsiuzdak/snac_24khz) or checkpoint")
+    p.add_argument("--finetune", choices=list(FINETUNE_MODES), help="what a fine-tune from --init_from trains "
+                   "(train.finetune): decoder (encoder and quantizer frozen: the tokens stay identical; lr "
+                   f"{FINETUNE_MODES['decoder']['optim.lr']:g}), decoder+encoder (quantizer frozen; lr "
+                   f"{FINETUNE_MODES['decoder+encoder']['optim.lr']:g}) or full (everything; lr "
+                   f"{FINETUNE_MODES['full']['optim.lr']:g}). Sets train.freeze_encoder / freeze_quantizer and "
+                   "optim.lr; --set optim.lr=... wins")
+    p.add_argument("--disc_warmup_steps", type=int, metavar="N", help="train the discriminators alone for the "
+                   "first N steps, the generator untouched (train.disc_warmup_steps; default 0)")
     p.add_argument("--device", help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true",
@@ -83,10 +92,12 @@ def config_from_args(args: argparse.Namespace):
     flags = {"data.dataset_path": args.dataset_path, "data.batch_size": args.batch_size,
              "data.streaming": args.streaming, "train.run_dir": args.run_dir, "train.max_steps": args.max_steps,
              "train.init_from": args.init_from, "train.device": args.device, "train.seed": args.seed,
-             "train.allow_config_change": args.allow_config_change}
+             "train.allow_config_change": args.allow_config_change, "train.disc_warmup_steps": args.disc_warmup_steps}
     for key, value in flags.items():
         if value is not None:
             set_dotted(cfg, key, value)
+    if args.finetune:
+        apply_finetune_mode(cfg, args.finetune)  # before --set: an explicit optim.lr wins
     if args.no_resume:
         cfg.train.resume = False
     apply_overrides(cfg, args.overrides)
@@ -106,6 +117,11 @@ def main(argv=None) -> int:
         summary = train_main(cfg)
         if summary.get("export_dir"):
             print(f"done: step {summary['step']}, exported SNAC model to {summary['export_dir']}")
+        if summary.get("code_agreement"):
+            from training.agreement import format_agreement
+
+            print(f"code agreement with the starting model on the validation set: "
+                  f"{format_agreement(summary['code_agreement'])}")
     return 0
 
 

@@ -32,7 +32,8 @@ DOCS = ("README.md", "TRAINING_GUIDE.md")
 MARKER = "<!-- runnable -->"
 CONSOLE_SCRIPTS = {"snac-train": "train_snac.py", "snac-infer": "inference.py", "snac-tokenize": "-m training.tokenize"}
 # Commands that take a subcommand; inference.py without one is its documented round-trip short form.
-SUBCOMMANDS = {"inference.py": ("roundtrip", "encode", "decode", "export"), "-m training.dataset": ("prepare", "list")}
+SUBCOMMANDS = {"inference.py": ("roundtrip", "encode", "decode", "export"), "-m training.dataset": ("prepare", "list"),
+               "-m training.codec": ("agree",)}
 DEFAULT_SUBCOMMAND = {"inference.py": "roundtrip"}
 EXAMPLE_SCRIPTS = ("example_training.py", "dataset_examples.py")
 

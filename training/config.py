@@ -220,8 +220,15 @@ class TrainConfig:
     collapse_check_after: int = 1000
     max_nonfinite_steps: int = 20  # ours: consecutive skipped (NaN/Inf) steps before stopping
     init_from: Optional[str] = None  # SNAC directory, hub id or our checkpoint to fine-tune from
+    # ours: decoder | decoder+encoder | full (FINETUNE_MODES): sets the freeze flags and optim.lr
+    # below where the mode is chosen (apply_finetune_mode); needs init_from. None: no mode.
+    finetune: Optional[str] = None
     freeze_encoder: bool = False
     freeze_quantizer: bool = False
+    # ours: the first this many steps update the discriminators only (the generator runs without
+    # autograd and is not updated): a fresh discriminator's first gradients are noise to a
+    # pretrained generator. Published SNAC releases ship no discriminator.
+    disc_warmup_steps: int = 0
     resume: bool = True  # resume from <run_dir>/checkpoints/latest.pt when present
     # ours: resume even when keys that cannot change mid-run (model, data source, seeds, batch
     # size, discriminator, world size) differ from the checkpoint's (--allow_config_change)
@@ -478,6 +485,31 @@ def create_training_config(
     return cfg
 
 
+# Fine-tuning modes: what each trains, as the freeze flags it sets, and its learning rate (ours:
+# below the from-scratch 6e-4; the more of the token-defining parts (encoder, quantizer) a mode
+# trains, the smaller the step, so tokens drift less). `decoder` keeps the tokens identical by
+# construction: the encoder and the whole quantizer (input projections and codebooks, which
+# define the codes, and the output projections) are frozen. The keys a mode sets are defaults
+# where the mode is chosen: a value given explicitly (`--set optim.lr=...`, a config file's key)
+# wins, and a freeze flag that contradicts the mode is an error (validate).
+FINETUNE_MODES: Dict[str, Dict[str, Any]] = {
+    "decoder": {"train.freeze_encoder": True, "train.freeze_quantizer": True, "optim.lr": 1e-4},
+    "decoder+encoder": {"train.freeze_encoder": False, "train.freeze_quantizer": True, "optim.lr": 5e-5},
+    "full": {"train.freeze_encoder": False, "train.freeze_quantizer": False, "optim.lr": 5e-5},
+}
+
+
+def apply_finetune_mode(cfg: Config, mode: Optional[str]) -> Config:
+    """Set ``train.finetune`` to ``mode`` and the keys the mode implies (:data:`FINETUNE_MODES`);
+    ``None`` clears the mode and changes nothing else. Callers apply explicit values afterwards."""
+    if mode is not None and mode not in FINETUNE_MODES:
+        raise ConfigError(f"config key 'train.finetune' must be {', '.join(FINETUNE_MODES)} or null, got {mode!r}")
+    cfg.train.finetune = mode
+    for key, value in FINETUNE_MODES.get(mode or "", {}).items():
+        set_dotted(cfg, key, value)
+    return cfg
+
+
 def apply_dataset_preset(cfg: Config, name: str) -> None:
     """Fill ``cfg.data`` from a dataset preset (and the model preset it names, if any)."""
     for key, value in dataset_preset(name).items():
@@ -495,6 +527,10 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
         raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
     cfg = Config()
     legacy = {"training", "paths"}
+    train = d.get("train")
+    if isinstance(train, Mapping) and train.get("finetune") is not None:
+        # the mode's keys first: the dict's own values for them are applied over them below
+        apply_finetune_mode(cfg, _coerce(train["finetune"], Optional[str], "train.finetune"))
     for section, values in d.items():
         if not isinstance(values, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
@@ -558,7 +594,11 @@ def parse_override(text: str) -> Tuple[str, Any]:
 
 
 def apply_overrides(cfg: Config, overrides: Union[Mapping[str, Any], Iterable[str]]) -> Config:
-    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    items = list(overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides))
+    for key, value in items:
+        if ALIASES.get(key, key) == "train.finetune":
+            # the mode's keys first, so other overrides given with it (optim.lr=...) win
+            apply_finetune_mode(cfg, _coerce(value, Optional[str], "train.finetune"))
     for key, value in items:
         set_dotted(cfg, ALIASES.get(key, key), value)
     validate(cfg)
@@ -778,6 +818,22 @@ def _validate_train(t: TrainConfig) -> None:
            "dac, dac+transposed or snac")
     _range(t.codebook_init, t.codebook_init in ("kmeans", "random"), "train.codebook_init", "kmeans or random")
     _range(t.run_dir, bool(t.run_dir), "train.run_dir", "a directory path")
+    _range(t.disc_warmup_steps, t.disc_warmup_steps >= 0, "train.disc_warmup_steps", ">= 0")
+    _validate_finetune(t)
+
+
+def _validate_finetune(t: TrainConfig) -> None:
+    """A fine-tuning mode and the freeze flags must say the same thing (a contradiction would
+    silently train what the mode promises to keep, or the reverse)."""
+    _range(t.finetune, t.finetune is None or t.finetune in FINETUNE_MODES, "train.finetune",
+           f"{', '.join(FINETUNE_MODES)} or null")
+    for key, value in FINETUNE_MODES.get(t.finetune or "", {}).items():
+        section, name = key.split(".")
+        if section == "train" and getattr(t, name) != value:
+            verb = "freezes" if value else "trains"
+            part = name[len("freeze_"):]
+            raise ConfigError(f"config key '{key}' is {str(not value).lower()}, but train.finetune={t.finetune} "
+                              f"{verb} the {part}; drop one of the two")
     _range(t.ddp_timeout_s, t.ddp_timeout_s > 0, "train.ddp_timeout_s", "> 0 (seconds)")
 
 

@@ -20,6 +20,7 @@ from .checkpoint import (
     ResumePoint, checkpoint_dir, config_differences, find_resume_checkpoint, remove_dead_temp_files,
     saved_world_size, _pid_alive,
 )
+from .agreement import REFERENCE_NAME
 from .config import Config, load_config, save_config, to_config
 from .state import TrainingError
 
@@ -28,7 +29,7 @@ def leftovers(cfg: Config) -> List[Path]:
     """What a previous run left in the run directory that a fresh start would mix with its own."""
     run_dir = Path(cfg.train.run_dir)
     names = [checkpoint_dir(cfg), run_dir / "metrics.jsonl", run_dir / "export", run_dir / "config.yaml",
-             run_dir / HISTORY_NAME]
+             run_dir / HISTORY_NAME, run_dir / REFERENCE_NAME]
     if not cfg.train.log_dir:
         names.append(run_dir / "logs")
     return [p for p in names if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
@@ -376,6 +377,8 @@ FIXED_KEYS = frozenset({
     "train.seed", "data.seed", "data.batch_size",
     # the optimizer state and the code-replacement state in the checkpoint are shaped by these
     "train.freeze_encoder", "train.freeze_quantizer", "train.code_replacement",
+    # what a fine-tune trains (and so which tokens it promises to keep)
+    "train.finetune",
 })
 # Keys that describe this command or a fresh start only: never compared.
 IGNORED_KEYS = frozenset({

@@ -10,7 +10,7 @@ import random
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import snac
@@ -168,6 +168,12 @@ def setup_models(cfg: Config, device: torch.device) -> Tuple[snac.SNAC, Discrimi
     """Generator (fresh, or ``train.init_from`` for fine-tuning) and discriminator, on ``device``."""
     if cfg.train.init_from:
         generator, loaded = load_generator(cfg.train.init_from)
+        if loaded.sampling_rate != cfg.model.sampling_rate:
+            # The data is resampled to the configured rate: a model of another rate would be
+            # fine-tuned on audio pitched and timed wrongly for it (or silently re-rated).
+            raise ConfigError(f"train.init_from {cfg.train.init_from} is a {loaded.sampling_rate} Hz model but this run "
+                              f"reads its data at {cfg.model.sampling_rate} Hz (model.sampling_rate); pass the "
+                              "matching --preset or model config")
         if loaded != cfg.model:
             # The pretrained architecture wins; keep the config truthful for checkpoints/exports.
             print(f"init_from: using the model config of {cfg.train.init_from}", file=sys.stderr)
@@ -175,15 +181,23 @@ def setup_models(cfg: Config, device: torch.device) -> Tuple[snac.SNAC, Discrimi
         generator.train()
     else:
         generator = build_generator(cfg.model, init=cfg.train.generator_init)
-    frozen = []
+    # Frozen parts: requires_grad False, so autograd records nothing through them (no backward),
+    # and setup_optimizers leaves them out (no optimizer state).
+    for module in frozen_modules(generator, cfg):
+        module.requires_grad_(False)
+    discriminator = Discriminator(cfg.discriminator, cfg.model.sampling_rate)
+    return generator.to(device), discriminator.to(device)
+
+
+def frozen_modules(generator: snac.SNAC, cfg: Config) -> List[nn.Module]:
+    """The parts of ``generator`` that ``train.freeze_encoder`` / ``freeze_quantizer`` keep fixed
+    (a ``train.finetune`` mode sets those flags)."""
+    frozen: List[nn.Module] = []
     if cfg.train.freeze_encoder:
         frozen.append(generator.encoder)
     if cfg.train.freeze_quantizer:
         frozen.append(generator.quantizer)
-    for module in frozen:
-        module.requires_grad_(False)
-    discriminator = Discriminator(cfg.discriminator, cfg.model.sampling_rate)
-    return generator.to(device), discriminator.to(device)
+    return frozen
 
 
 def _adamw(params: Iterable[Tensor], cfg: Config, device: torch.device) -> torch.optim.AdamW:

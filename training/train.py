@@ -36,12 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .agreement import AGREEMENT_KEY, REFERENCE_NAME, AgreementCounter, ReferenceCodes
 from .checkpoint import (
-    ResumePoint, adopt_best, checkpoint_dir, gather_rng_states, load_checkpoint, read_checkpoint,
+    ResumePoint, adopt_best, checkpoint_dir, checkpoint_files, gather_rng_states, load_checkpoint, read_checkpoint,
     save_checkpoint,
 )
 from .codebooks import VQHealth, collapse_warnings, init_codebooks_from_data, init_encoder_from_data
-from .config import Config, to_config
+from .config import Config, ConfigError, to_config
 from .errors import TrainingStopped, first_line
 from .hub import export_snac
 from .losses import discriminator_loss
@@ -131,6 +132,8 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, Any]:
     """
     cfg = state.cfg
     real = batch["audio"].to(state.device, non_blocking=True)
+    if state.step < cfg.train.disc_warmup_steps:
+        return _disc_warmup_step(state, real)
     n = real.shape[0]
     with state.autocast:
         out: TrainOutput = state.gen_step(real)
@@ -164,6 +167,33 @@ def train_step(state: TrainState, batch: Dict[str, Tensor]) -> Dict[str, Any]:
         latents = [torch.where(skipped > 0, torch.zeros_like(z), z) for z in out.latents]
         for level, count in enumerate(state.restarter.step(state.step, out.codes, latents)):
             metrics[f"codebook/restarted_level{level}"] = count
+    metrics["train/skipped_steps"] = state.skipped_steps()
+    return metrics
+
+
+def _disc_warmup_step(state: TrainState, real: Tensor) -> Dict[str, Any]:
+    """A step of ``train.disc_warmup_steps``: :func:`train_step`'s discriminator update alone.
+
+    The generator makes the fakes without autograd (no graph, so no generator backward) and is
+    not touched: no optimizer step, no learning-rate step (its schedule starts with its first
+    update) and no code replacement (which would rewrite codebook rows).
+    """
+    n = real.shape[0]
+    with torch.no_grad(), state.autocast:
+        out: TrainOutput = state.gen_step(real)
+    fake = out.audio.float()
+    with state.autocast:
+        d_real, d_fake = _split(state.disc_step(torch.cat([real, fake])), n)
+    d_loss = discriminator_loss(d_real, d_fake)
+    d_bad, d_norm = _update(state, d_loss, state.opt_d, state.sched_d, list(state.discriminator.parameters()),
+                            state.cfg.optim.grad_clip_discriminator)
+    state.step += 1
+    state.count_skip(d_bad)
+    metrics: Dict[str, Any] = {"loss/discriminator": d_loss.detach(), "grad_norm/discriminator": d_norm.detach(),
+                               "lr/discriminator": state.sched_d.get_last_lr()[0], "train/disc_warmup": 1.0}
+    for level in range(out.codebook_usage.shape[0]):
+        metrics[f"codebook/usage_level{level}"] = out.codebook_usage[level]
+        metrics[f"codebook/perplexity_level{level}"] = out.codebook_perplexity[level]
     metrics["train/skipped_steps"] = state.skipped_steps()
     return metrics
 
@@ -219,6 +249,8 @@ def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_b
     sums = {"mel": 0.0, "stft": 0.0, "si_sdr": 0.0}
     count, codes_per_level, samples = 0, None, None
     health = VQHealth(state.cfg.model.codebook_size)
+    reference: Optional[ReferenceCodes] = state.extra.get("reference_codes")
+    agreement, unmatched = AgreementCounter(), 0
     for i, batch in enumerate(val_batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -231,6 +263,8 @@ def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_b
         sums["si_sdr"] += float(si_sdr(real, fake).sum())
         count += b
         health.add(out.codes, out.latents)
+        if reference is not None and not reference.compare(i, batch["audio"], out.codes, agreement):
+            unmatched += 1
         codes_per_level = [c.reshape(-1).cpu() for c in out.codes] if codes_per_level is None else \
             [torch.cat([a, c.reshape(-1).cpu()]) for a, c in zip(codes_per_level, out.codes)]
         if samples is None:
@@ -244,6 +278,11 @@ def _evaluate(state: TrainState, val_batches: Iterable[Dict[str, Tensor]], max_b
         result[f"val/codebook_usage_level{level}"] = float(usage)
         result[f"val/codebook_perplexity_level{level}"] = float(perplexity)
     result.update(health.summary("val/"))
+    if agreement.levels:
+        result.update(agreement.summary(AGREEMENT_KEY))
+    if unmatched:
+        warnings.warn(f"code agreement: {unmatched} validation batch(es) differ from the audio the starting model "
+                      f"encoded ({REFERENCE_NAME}; was data.val_segment_seconds changed?); they are left out")
     result["samples"] = samples
     return result
 
@@ -301,6 +340,7 @@ def _run_eval(state: TrainState, val_batches, logger: RunLogger, loader) -> Opti
         return None
     result = evaluate(state, val_batches, state.cfg.train.eval_batches)
     real, fake = result.pop("samples")
+    state.extra["last_eval"] = result
     logger.scalars(state.step, result)
     logger.samples(state.step, real, fake, state.cfg.model.sampling_rate, state.cfg.train.num_audio_samples)
     mel = result["val/mel"]
@@ -347,6 +387,28 @@ def _setup_dataset_checked(cfg: Config, rank: int, world: int):
     return loader, val_batches
 
 
+def _reference_codes(state: TrainState, val_batches, fresh: bool, notes: List[str]) -> Optional[ReferenceCodes]:
+    """The codes the starting model gives the validation set, for ``val/code_agreement_levelN``.
+
+    A fresh run from ``train.init_from`` encodes them now, before any step, and keeps them in
+    ``<run_dir>/reference_codes.pt``; a resumed run reads that file (the starting weights are
+    gone by then). Other runs have none."""
+    path = Path(state.cfg.train.run_dir) / REFERENCE_NAME
+    if not fresh:
+        reference = ReferenceCodes.load(path)
+        if reference is None and path.exists():
+            notes.append(f"warning: {path} is unreadable; code agreement is not measured in this run")
+        return reference
+    if not state.cfg.train.init_from:
+        return None
+    reference = ReferenceCodes.encode(state.generator, val_batches, state.device, source=state.cfg.train.init_from)
+    try:
+        reference.save(path)
+    except OSError as e:
+        raise TrainingError(f"cannot write {path}: {e.strerror or e}") from None
+    return reference
+
+
 def _wants_data_init(cfg: Config) -> bool:
     """Data-dependent initialisation (encoder scale, k-means codebooks) for a fresh from-scratch
     run only: a resumed run has its weights in the checkpoint, and a fine-tune keeps the
@@ -385,6 +447,7 @@ def train_main(config) -> Dict[str, Any]:
     times out raises :class:`CollectiveError`.
     """
     cfg = to_config(config)
+    _check_finetune_source(cfg)
     with StopSignals() as signals:
         rank, world = setup_distributed(cfg.train.ddp_timeout_s)
         device = resolve_device(cfg.train.device)
@@ -397,6 +460,15 @@ def train_main(config) -> Dict[str, Any]:
             finally:
                 if lock is not None:
                     lock.release()
+
+
+def _check_finetune_source(cfg: Config) -> None:
+    """A fine-tuning mode needs the model it fine-tunes: ``train.init_from``, or a checkpoint of
+    this run to resume (whose weights came from it). Checked before the run directory is touched."""
+    t = cfg.train
+    if t.finetune and not t.init_from and not (t.resume and checkpoint_files(checkpoint_dir(cfg))):
+        raise ConfigError(f"train.finetune={t.finetune} (--finetune) needs train.init_from (--init_from): the "
+                          "pretrained model to fine-tune (a SNAC directory, hub id or checkpoint)")
 
 
 def _start_in_run_dir(cfg: Config, rank: int, world: int):
@@ -446,6 +518,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, signals: "S
     state.extra["signals"] = signals
     progress.state = state
     loader, val_batches = _setup_dataset_checked(cfg, rank, world)
+    if rank == 0:
+        state.extra["reference_codes"] = _reference_codes(state, val_batches, fresh=point is None, notes=notes)
     if point is not None:
         load_checkpoint(state, point.ckpt, loader, source=point.path)
         if any(c.key in OPTIMIZER_KEYS for c in changes):
@@ -685,6 +759,11 @@ def _steps(state: TrainState, loader, val_batches, logger: RunLogger, progress) 
     stop.finish()  # a signal during the last step: the run is complete anyway
     summary: Dict[str, Any] = {"step": state.step, "val/mel": last_val, "best_mel": state.best_mel,
                                "skipped_steps": state.nonfinite_total}
+    last_eval = state.extra.get("last_eval") or {}
+    agreement = [last_eval[AGREEMENT_KEY.format(i)] for i in range(cfg.model.n_levels)
+                 if AGREEMENT_KEY.format(i) in last_eval]
+    if agreement:
+        summary["code_agreement"] = agreement  # per level, at the last evaluation (the final step)
     if state.is_main and t.export_on_end:
         summary["export_dir"] = str(export_snac(state.generator, cfg.model, Path(t.run_dir) / "export", overwrite=True))
     return summary
