@@ -37,17 +37,20 @@ def start(seed: int, threads: int, args) -> Tuple[subprocess.Popen, Path]:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), out
 
 
-def run_all(args) -> Dict[Tuple[int, int], Path]:
-    """Run every pair; one-thread runs two at a time. Returns the output folder of each."""
+def run_all(args) -> Tuple[Dict[Tuple[int, int], Path], int]:
+    """Run every pair; one-thread runs two at a time. Returns the output folder of each and how
+    many of them were reused (``--reuse``) rather than run."""
     pending = [(s, t) for t in args.threads for s in args.seeds]
     running: Dict[Tuple[int, int], Tuple[subprocess.Popen, Path]] = {}
     done: Dict[Tuple[int, int], Path] = {}
+    reused = 0
     if args.reuse:  # finished runs (their summary.json written) are kept, not rerun
         for key in list(pending):
             out = args.out / f"seed{key[0]}_threads{key[1]}"
             if (out / "summary.json").is_file():
                 pending.remove(key)
                 done[key] = out
+                reused += 1
                 print(f"seed {key[0]}, {key[1]} thread(s): reusing {out}", flush=True)
     while pending or running:
         while pending and sum(t for _, t in running) + pending[0][1] <= max(2, pending[0][1]):
@@ -60,7 +63,7 @@ def run_all(args) -> Dict[Tuple[int, int], Path]:
                 done[key] = out
                 print(f"seed {key[0]}, {key[1]} thread(s): exit {proc.returncode}", flush=True)
         time.sleep(1.0)
-    return done
+    return done, reused
 
 
 def row(key: Tuple[int, int], out: Path) -> Tuple[str, bool]:
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     if not args.seeds or not args.threads or min(args.threads) < 1 or min(args.seeds) < 0 or args.steps < 1:
         p.error("--seeds must be >= 0, --threads >= 1, --steps >= 1")
     began = time.perf_counter()
-    done = run_all(args)
+    done, reused = run_all(args)
     head = ["seed", "threads", "val mel start -> end", "usage % L0 / L1 / L2", "perplexity L0 / L1 / L2",
             "envelope corr. min / mean", "meets targets"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
         passed += ok
     minutes = (time.perf_counter() - began) / 60
     text = (f"{len(done)} demo runs ({args.steps} steps each), {passed} meet every target; wall time "
-            f"{minutes:.1f} min\n\n" + "\n".join(lines) + "\n")
+            f"{minutes:.1f} min for the {len(done) - reused} run now"
+            + (f" ({reused} reused from earlier)" if reused else "") + "\n\n" + "\n".join(lines) + "\n")
     (args.out / "demo_table.md").write_text(text)
     print("\n" + text)
     return 0 if passed == len(done) else 1

@@ -146,10 +146,12 @@ def test_test_requirements_are_installed():
     import importlib
 
     names = [line.split("#")[0].strip() for line in (ROOT / "requirements_test.txt").read_text().splitlines()]
+    modules = {"pytest-xdist": "xdist"}  # distributions whose import name differs
     missing = []
     for name in filter(None, names):
+        dist = name.split("[")[0].split("=")[0].split(">")[0].strip()
         try:
-            importlib.import_module(name.split("[")[0].split("=")[0].split(">")[0].strip())
+            importlib.import_module(modules.get(dist, dist))
         except ImportError:
             missing.append(name)
     assert not missing, f"test requirements missing: {missing}; run `make test` or `pip install -r requirements_test.txt`"
