@@ -154,11 +154,27 @@ def _standardise_conv(conv: torch.nn.Conv1d, mean: Tensor, std: Tensor) -> None:
     """Rescale ``conv`` (weight-normalised or plain) so the output channel whose data moments are
     ``mean``/``std`` becomes zero-mean, unit-variance: w <- w / std, b <- (b - mean) / std."""
     scale = 1.0 / std.clamp_min(1e-8)
-    weight = conv.weight * scale[:, None, None]  # parametrised: the effective weight g * v / |v|
-    # Assigning a parametrised weight goes through weight norm's right_inverse (g = |w|, v = w).
-    conv.weight = weight.detach()
+    _set_weight(conv, conv.weight.detach() * scale[:, None, None])  # the effective weight g * v / |v|
     if conv.bias is not None:
         conv.bias.data.copy_((conv.bias - mean) * scale)
+
+
+def _set_weight(conv: torch.nn.Conv1d, weight: Tensor) -> None:
+    """Give ``conv`` the effective ``weight``, writing into its existing parameter tensors.
+
+    Under weight norm the parametrisation's own ``right_inverse`` splits ``weight`` into its
+    stored parts (g = |w|, v = w), copied in place. Assigning ``conv.weight`` instead would swap
+    the parameters' storage (``set_``), and a DistributedDataParallel wrapper built before this
+    initialisation would then wait forever for those parameters' gradients."""
+    parametrizations = getattr(conv, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        chain = parametrizations["weight"]
+        parts = chain[0].right_inverse(weight)
+        parts = parts if isinstance(parts, (tuple, list)) else (parts,)
+        for i, part in enumerate(parts):
+            getattr(chain, f"original{i}").data.copy_(part)
+    else:
+        conv.weight.data.copy_(weight)
 
 
 def _absorb_input_shift(conv: torch.nn.Conv1d, mean: Tensor, std: Tensor) -> None:
@@ -167,7 +183,7 @@ def _absorb_input_shift(conv: torch.nn.Conv1d, mean: Tensor, std: Tensor) -> Non
     weight = conv.weight.detach()
     if conv.bias is not None:
         conv.bias.data.add_(weight[..., 0] @ mean)
-    conv.weight = (weight * std[None, :, None]).detach()
+    _set_weight(conv, weight * std[None, :, None])
 
 
 def _encoder_convs(model: snac.SNAC) -> List[torch.nn.Conv1d]:
