@@ -34,6 +34,26 @@ def _seed():
     yield
 
 
+def reconstruction_steps(gen, cfg, batches, lr: float, warmup_steps: int = 0) -> None:
+    """AdamW steps of the generator's non-adversarial loss (reconstruction + VQ terms, weighted as in
+    training) on ``batches``, one step per (B, 1, T) batch; ``warmup_steps`` ramps the rate linearly
+    as ``optim.warmup_steps`` does."""
+    from training.losses import GeneratorLoss
+    from training.model import train_forward
+
+    loss_fn = GeneratorLoss(cfg.loss, cfg.model.sampling_rate)
+    opt = torch.optim.AdamW(gen.parameters(), lr=lr, betas=tuple(cfg.optim.betas))
+    ramp = (lambda s: min(1.0, (s + 1) / warmup_steps)) if warmup_steps else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+    for clip in batches:
+        out = train_forward(gen, clip)
+        total, _ = loss_fn(clip, out.audio, out.commitment_loss, out.codebook_loss)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+
+
 def run_two_ranks(worker: str, out: Path, *args: str, port: int):
     """Run ``tests/<worker>`` under a real two-process ``torchrun`` (gloo, one thread per rank),
     require a clean exit, and return what each rank saved to ``<out>/rank<R>.pt``."""
@@ -63,22 +83,13 @@ def trained_tiny(speech_24k):
     from diverse_model import whiten_quantizer_inputs
     from training.codebooks import init_codebooks_from_data
     from training.config import create_training_config
-    from training.losses import GeneratorLoss
-    from training.model import build_generator, train_forward
+    from training.model import build_generator
 
     cfg = create_training_config(preset="tiny")
     torch.manual_seed(0)
     gen = build_generator(cfg.model, init=cfg.train.generator_init)
     init_codebooks_from_data(gen, [speech_24k], iters=cfg.train.codebook_init_iters, seed=0)
-    loss_fn = GeneratorLoss(cfg.loss, cfg.model.sampling_rate)
-    opt = torch.optim.AdamW(gen.parameters(), lr=1e-3, betas=tuple(cfg.optim.betas))
-    clip = speech_24k[..., :24576]
-    for _ in range(12):
-        out = train_forward(gen, clip)
-        total, _ = loss_fn(clip, out.audio, out.commitment_loss, out.codebook_loss)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+    reconstruction_steps(gen, cfg, [speech_24k[..., :24576]] * 12, lr=1e-3)
     gen.eval()
     whiten_quantizer_inputs(gen, speech_24k)
     return gen, cfg.model

@@ -159,7 +159,7 @@ def test_data_dependent_init_standardises_every_encoder_conv(speech):
 
 def _mean_fraction_after_steps(speech, data_init: bool, steps: int = 12):
     """Encoder-output mean fraction after ``steps`` AdamW steps at the demo's warm-up rates."""
-    from training.losses import GeneratorLoss
+    from conftest import reconstruction_steps
 
     cfg = create_training_config(preset="tiny")
     torch.manual_seed(0)
@@ -168,17 +168,8 @@ def _mean_fraction_after_steps(speech, data_init: bool, steps: int = 12):
     if data_init:
         init_encoder_from_data(model, [batch])
     init_codebooks_from_data(model, [batch], iters=5, seed=0, standardise=data_init)
-    loss_fn = GeneratorLoss(cfg.loss, cfg.model.sampling_rate)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=tuple(cfg.optim.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))  # the demo's warm-up
-    for step in range(steps):
-        crop = speech[4 * (step % 3):4 * (step % 3) + 4, :, :8192]
-        out = train_forward(model, crop)
-        total, _ = loss_fn(crop, out.audio, out.commitment_loss, out.codebook_loss)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        sched.step()
+    crops = [speech[4 * (step % 3):4 * (step % 3) + 4, :, :8192] for step in range(steps)]
+    reconstruction_steps(model, cfg, crops, lr=3e-3, warmup_steps=50)  # the demo's rate and warm-up
     with torch.no_grad():
         return mean_fraction(model.encoder(speech))
 

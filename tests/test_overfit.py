@@ -9,11 +9,11 @@ Thresholds are calibrated from measured runs (see the comments) with a wide marg
 
 import pytest
 import torch
+from conftest import reconstruction_steps
 
 from training.audio import list_audio_files, load_audio, normalize_loudness
 from training.codebooks import init_codebooks_from_data, init_encoder_from_data
 from training.config import create_training_config
-from training.losses import GeneratorLoss
 from training.metrics import mel_distance
 from training.model import build_generator, train_forward
 
@@ -50,14 +50,7 @@ def overfit(clip, steps: int = STEPS):
         init_codebooks_from_data(gen, [clip], iters=cfg.train.codebook_init_iters, seed=0,
                                  standardise=cfg.train.data_dependent_init)
     initial = [vq.codebook.weight.detach().clone() for vq in gen.quantizer.quantizers]
-    loss_fn = GeneratorLoss(cfg.loss, cfg.model.sampling_rate)
-    opt = torch.optim.AdamW(gen.parameters(), lr=1e-3, betas=tuple(cfg.optim.betas))
-    for _ in range(steps):
-        out = train_forward(gen, clip)
-        total, _ = loss_fn(clip, out.audio, out.commitment_loss, out.codebook_loss)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+    reconstruction_steps(gen, cfg, [clip] * steps, lr=1e-3)
     gen.eval()
     with torch.no_grad():
         codes = gen.encode(clip)  # snac's own encode, not the training forward
