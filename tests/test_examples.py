@@ -52,6 +52,7 @@ def test_train_tiny(audio_dir, work):
     assert model.codebook_size == 256
 
 
+@pytest.mark.slow  # ~17 s: two training subprocesses
 def test_resume(audio_dir, work, tmp_path, capsys):
     """The resumed run ends where an uninterrupted 3-step run ends, and its second call trained one step."""
     assert ex.resume(audio_dir, work)["step"] == 3

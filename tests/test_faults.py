@@ -301,6 +301,7 @@ def test_dead_writers_temp_files_removed_at_start(run_copy, ljspeech_dir):
     assert not any(t.exists() for t in temps)
 
 
+@pytest.mark.slow  # ~11 s: training subprocesses
 def test_no_resume_sets_the_whole_previous_run_aside(run_copy, ljspeech_dir):
     before = {k.replace(str(run_copy), ""): v for k, v in hashes(run_copy).items()}
     r = train(ljspeech_dir, run_copy, "--max_steps", "2", "--no-resume")
@@ -576,6 +577,7 @@ def test_lock_without_flock_falls_back_to_pid_and_host(tmp_path, monkeypatch):
             assert not (tmp_path / ".lock").exists()
 
 
+@pytest.mark.slow  # ~8 s: training subprocesses
 def test_resume_with_a_new_lr_applies_it_and_keeps_the_config_history(run_copy, ljspeech_dir):
     history = run_copy / "config_history.jsonl"
     original = history.read_text().splitlines()

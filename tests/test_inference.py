@@ -58,6 +58,7 @@ def _model_rate_length(path):
     return resample(audio, rate, 24000).shape[-1], audio.shape[-1]
 
 
+@pytest.mark.slow  # ~8 s: one CLI run per format
 def test_documented_form_round_trips_each_format(tiny_ckpt, clips, tmp_path):
     ckpt, _ = tiny_ckpt
     out = tmp_path / "out"

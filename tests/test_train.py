@@ -357,6 +357,7 @@ class _GuardingLoader(_Loader):
         return batch
 
 
+@pytest.mark.slow  # ~9 s: a training run
 def test_non_logging_steps_never_read_the_device(tmp_path, monkeypatch):
     cfg = _tiny_cfg(tmp_path, **{"train.max_steps": 6, "train.log_every": 3, "train.eval_every": 100,
                                  "train.checkpoint_every": 100, "train.export_on_end": False})
