@@ -54,6 +54,21 @@ def reconstruction_steps(gen, cfg, batches, lr: float, warmup_steps: int = 0) ->
         sched.step()
 
 
+def kill_at_checkpoint(cmd, run: Path, env, step: int = 2, timeout: float = 300) -> None:
+    """Start training command ``cmd`` (writing to ``run``) and SIGKILL it as soon as its numbered
+    checkpoint of ``step`` exists: a crash with no chance to clean up."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (run / "checkpoints" / f"step_{step:08d}.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def run_two_ranks(worker: str, out: Path, *args: str, port: int):
     """Run ``tests/<worker>`` under a real two-process ``torchrun`` (gloo, one thread per rank),
     require a clean exit, and return what each rank saved to ``<out>/rank<R>.pt``."""

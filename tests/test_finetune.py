@@ -4,16 +4,15 @@ warm-up, and their one-line errors. Real exported models on disk, real LJ Speech
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import snac
 import torch
 
+from conftest import kill_at_checkpoint
 from training.audio import decode_audio
 from training.config import ModelConfig, create_training_config, model_preset
 from training.hub import export_snac, load_generator
@@ -353,14 +352,7 @@ def test_kill9_inside_disc_warmup_resumes_exactly(tmp_path, pretrained, ljspeech
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*common, "--run_dir", str(run)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step_00000002.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint([*common, "--run_dir", str(run)], run, env)
     step_at_kill, gen_at_kill, *_ = _ckpt(run / "checkpoints" / "latest.pt")
     assert 2 <= step_at_kill < 6  # inside the warm-up
     start = snac.SNAC.from_pretrained(str(pretrained)).state_dict()

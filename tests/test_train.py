@@ -3,16 +3,15 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import snac
 import torch
 
+from conftest import kill_at_checkpoint
 from training.config import create_training_config
 from training.checkpoint import load_checkpoint
 from training.state import TrainingError, build_state
@@ -80,14 +79,7 @@ def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, repl
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_snac.py"), *common, "--run_dir", str(run)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step_00000002.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint([sys.executable, str(ROOT / "train_snac.py"), *common, "--run_dir", str(run)], run, env)
     step_at_kill, *_ = _params(run / "checkpoints" / "latest.pt")
     assert 2 <= step_at_kill < 6
 
