@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 COMMANDS = ("roundtrip", "encode", "decode", "export")
 
@@ -360,15 +360,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # snac decorates a function with torch.jit.script at import; recent torch warns about it on
     # every run, which would bury our one-line messages.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    from training.audio import AudioReadError
-    from training.codec import CodecError
+    from training.cli import loaded_types
     from training.config import ConfigError
-    from training.hub import ModelLoadError
 
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return HANDLERS[args.command](args)
-    except (UsageError, CodecError, ModelLoadError, AudioReadError, ConfigError) as e:
+    except (UsageError, ConfigError) + loaded_types("training.codec.files:CodecError", "training.hub:ModelLoadError",
+                                                    "training.audio:AudioReadError") as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         _warn(msg)
         return 2

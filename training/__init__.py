@@ -4,15 +4,7 @@ Public API (everything importable from ``training``); see README.md for the comm
 """
 
 import importlib
-import warnings
 from typing import Any, Dict, List, Tuple
-
-# snac 1.2.1 applies torch.jit.script at import time and recent torch answers with a
-# FutureWarning on every run; it is not the user's doing, so snac is imported once here with that
-# one warning silenced (scoped: no global filter is installed).
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    import snac  # noqa: F401
 
 # Public name -> (submodule, attribute). Submodules are imported on first use (PEP 562), so that
 # `python -m training.dataset` / `python -m training.tokenize` run their module once, as

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-import snac
+from ._snac import snac
 import torch
 from torch import Tensor
 

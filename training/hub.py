@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import snac
+from ._snac import snac
 import torch
 
 from .config import ConfigError, ModelConfig, _coerce, _hints

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-import snac
+from ._snac import snac
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

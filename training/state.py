@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-import snac
+from ._snac import snac
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import snac
+from .._snac import snac
 import torch
 import torch.nn.functional as F
 from snac.attention import LocalMHA

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import snac
+from .._snac import snac
 import torch
 import torch.nn.functional as F
 from snac.attention import LocalMHA, apply_rotary_pos_emb

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-import snac
+from .._snac import snac
 import torch
 import torch.nn.functional as F
 from snac.attention import LocalMHA

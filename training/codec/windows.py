@@ -7,7 +7,7 @@ import math
 from typing import List, NamedTuple, Sequence
 
 import numpy as np
-import snac
+from .._snac import snac
 import torch
 from snac.attention import LocalMHA
 from torch import Tensor

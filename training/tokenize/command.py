@@ -12,12 +12,11 @@ from .settings import TokenizeError, build_parser, settings_from_args
 
 
 def _user_errors() -> Tuple[type, ...]:
+    from ..cli import loaded_types
     from ..config import ConfigError
-    from ..codec import CodecError
-    from ..dataset import DatasetError
-    from ..hub import ModelLoadError
 
-    return (TokenizeError, ConfigError, CodecError, DatasetError, ModelLoadError)
+    return (TokenizeError, ConfigError) + loaded_types(
+        "training.codec.files:CodecError", "training.dataset.sources:DatasetError", "training.hub:ModelLoadError")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
