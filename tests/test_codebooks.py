@@ -4,6 +4,7 @@ The step-0 tests measure on real speech (ljspeech-mini crops at -16 dB, what tra
 take their codes from ``snac.SNAC.encode``, not from the training forward under test.
 """
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,37 @@ def test_data_dependent_init_standardises_every_encoder_conv(speech):
         torch.testing.assert_close(vq.out_proj(z_e), decoder_input, rtol=1e-4, atol=1e-4)
     rows = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
     assert rows.mean(0).abs().max() < 1e-4 and (rows.std(0, unbiased=False) - 1).abs().max() < 1e-4
+
+
+def test_data_dependent_init_in_one_pass_equals_one_pass_per_convolution(speech):
+    """init_encoder_from_data standardises every convolution during a single forward pass; the
+    reference here does it the slow, plain way (a whole encoder pass over each batch per
+    convolution, moments over all batches, then rescale) and every tensor must come out the same."""
+    from training.codebooks import _channel_moments, _standardise_conv
+    from training.model import pad_to_unit
+
+    cfg = create_training_config(preset="tiny")
+    torch.manual_seed(0)
+    model = build_generator(cfg.model, init="dac")
+    reference = copy.deepcopy(model)
+    batches = [speech[:3, :, :8192], speech[3:5, :, :8192], speech[5:9, :, :8192]]
+    with torch.no_grad():
+        inputs = [pad_to_unit(reference, b) for b in batches]
+        for conv in [m for m in reference.encoder.modules() if isinstance(m, torch.nn.Conv1d)]:
+            seen = []
+            handle = conv.register_forward_hook(lambda _m, _i, out: seen.append(out))
+            for x in inputs:
+                reference.encoder(x)
+            handle.remove()
+            _standardise_conv(conv, *_channel_moments(seen))
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    init_encoder_from_data(model, batches)
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    rescaled = [k for k in want if k.startswith("encoder.") and not torch.equal(want[k], untouched[k])]
+    assert len(rescaled) >= 60  # 30 convolutions' bias and weight-norm gain (and more): not a no-op
 
 
 def _mean_fraction_after_steps(speech, data_init: bool, steps: int = 12):

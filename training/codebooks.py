@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
-import snac
+from ._snac import snac
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -196,26 +196,33 @@ def init_encoder_from_data(model: snac.SNAC, batches: List[Tensor]) -> int:
     """Weight normalisation's data-dependent initialisation (Salimans & Kingma 2016) of the encoder.
 
     Convolution by convolution in forward order, each output channel is made zero-mean and
-    unit-variance on ``batches`` (audio (B, 1, T) at the model's rate), the earlier ones already
-    rescaled. Why: at PyTorch's initialisation the encoder's activations shrink layer after
-    layer (the tiny preset's output RMS is ~0.004), while Adam moves every bias by about the
-    learning rate each step. Within ten warm-up steps at lr 1e-3 those biases put a common
+    unit-variance on ``batches`` (audio (B_i, 1, T) at the model's rate, one T for all), the
+    earlier ones already rescaled. Why: at PyTorch's initialisation the encoder's activations
+    shrink layer after layer (the tiny preset's output RMS is ~0.004), while Adam moves every bias
+    by about the learning rate each step. Within ten warm-up steps at lr 1e-3 those biases put a common
     offset on every frame far larger than the frames' spread, every latent points the same way
     (mean fraction 0.97), and the cosine code search sends every frame to one or two codes. At
     unit scale the same steps are a small relative change. Under DDP the moments are summed over
     ranks, so every rank writes the same weights. Returns the number of convolutions set.
     """
     convs = _encoder_convs(model)
-    inputs = [pad_to_unit(model, audio.float()) for audio in batches]
-    for conv in convs:
-        captured: List[Tensor] = []
-        handle = conv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            for x in inputs:
-                model.encoder(x)  # the whole encoder: cheap next to training, and no special cases
-        finally:
+    sizes = [len(audio) for audio in batches]
+
+    def standardise(conv: torch.nn.Conv1d, inputs, output: Tensor) -> Tensor:
+        # Runs as the forward pass reaches ``conv``: everything before it is already rescaled,
+        # so its output here is exactly what a pass over the rescaled encoder would give it.
+        _standardise_conv(conv, *_channel_moments(list(output.split(sizes))))
+        return conv._conv_forward(inputs[0], conv.weight, conv.bias)  # what the layers after it now see
+
+    # One pass over all batches at once, each convolution standardised as the pass reaches it:
+    # the same weights, bit for bit, as one pass per convolution (30 in the tiny preset), at the
+    # memory of one no-grad forward of the batches together.
+    handles = [conv.register_forward_hook(standardise) for conv in convs]
+    try:
+        model.encoder(torch.cat([pad_to_unit(model, audio.float()) for audio in batches]))
+    finally:
+        for handle in handles:
             handle.remove()
-        _standardise_conv(conv, *_channel_moments(captured))
     return len(convs)
 
 
