@@ -69,6 +69,31 @@ def kill_at_checkpoint(cmd, run: Path, env, step: int = 2, timeout: float = 300)
     proc.wait()
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``<session temp>/<name>``, made by ``build(path)`` once per test session.
+
+    Under pytest-xdist each worker has its own session fixtures, so a costly one (a training run
+    in a subprocess) would be built once per worker. This builds it in the folder all workers of
+    the session share, in whichever worker asks first; the others wait on a file lock and reuse
+    it. Users of the result must treat it as read-only (copy it to change it)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-<N>/, above each worker's popen-gw<K>/
+    target, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)  # a build that failed part-way in another worker
+            build(target)
+            done.touch()
+    return target
+
+
 def run_two_ranks(worker: str, out: Path, *args: str, port: int):
     """Run ``tests/<worker>`` under a real two-process ``torchrun`` (gloo, one thread per rank),
     require a clean exit, and return what each rank saved to ``<out>/rank<R>.pt``."""

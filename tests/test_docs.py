@@ -17,12 +17,13 @@ A fenced ```python block directly preceded by the marker is run as a script and 
 
 from __future__ import annotations
 
-import functools
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,14 +71,54 @@ def documented_commands():
     return out
 
 
-@functools.lru_cache(maxsize=None)
+_OUTPUTS: dict = {}
+
+
+def tool_output(argv: tuple) -> dict:
+    """``{"code", "stdout"}`` of ``python *argv`` run from the repository root.
+
+    The first call runs every ``--help`` / ``--list`` the documented commands can ask for in one
+    process (tests/tool_outputs.py), so torch is imported once for all of them; an invocation not
+    foreseen gets a batch of its own."""
+    if argv not in _OUTPUTS:
+        batch = [argv] + sorted(a for a in foreseen_invocations() if a not in _OUTPUTS and a != argv)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "outputs.json"
+            r = subprocess.run([sys.executable, str(ROOT / "tests" / "tool_outputs.py"), str(out), json.dumps(batch)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            assert r.returncode == 0, f"tests/tool_outputs.py failed: {r.stderr[-2000:]}"
+            _OUTPUTS.update(zip(batch, json.loads(out.read_text())))
+    return _OUTPUTS[argv]
+
+
+def foreseen_invocations() -> set:
+    """``--help`` of every script and module the documented commands name (and of each of its
+    subcommands), ``torchrun --help``, and ``--list`` of the example scripts: a superset of what
+    the checks below read."""
+    found = {("-m", "torch.distributed.run", "--help")}
+    for _, words in COMMANDS:
+        words = CONSOLE_SCRIPTS.get(words[0], words[0]).split() + words[1:]
+        for i, w in enumerate(words):
+            if w == "-m" and i + 1 < len(words):
+                tool = f"-m {words[i + 1]}"
+            elif w.endswith(".py") and (ROOT / w).is_file():
+                tool = w
+            else:
+                continue
+            found.add((*tool.split(), "--help"))
+            found.update((*tool.split(), sub, "--help") for sub in SUBCOMMANDS.get(tool, ()))
+            if tool in EXAMPLE_SCRIPTS:
+                found.add((tool, "--list"))
+    return found
+
+
 def help_text(tool: str, sub: str = "") -> str:
     """``--help`` output of ``tool`` (a script path or ``-m module``), optionally of a subcommand."""
-    argv = [sys.executable, *tool.split(), *([sub] if sub else []), "--help"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, f"{' '.join(argv[1:])} failed: {r.stderr[-500:]}"
-    return r.stdout
+    argv = (*tool.split(), *([sub] if sub else []), "--help")
+    r = tool_output(argv)
+    assert r["code"] == 0, f"{' '.join(argv)} exited {r['code']}: {r['stdout'][-500:]}"
+    return r["stdout"]
 
 
 def flag_choices(help_out: str, flag: str):
@@ -118,8 +159,7 @@ def check_tool(tool: str, args, where: str) -> None:
             if w == "--set":
                 check_config_key(args[i + 1].split("=", 1)[0], where)
     if script in EXAMPLE_SCRIPTS:
-        listed = subprocess.run([sys.executable, script, "--list"], cwd=ROOT, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300).stdout
+        listed = tool_output((script, "--list"))["stdout"]
         # example_training.py lists "name  description" lines; dataset_examples.py "group: names..."
         names = set()
         for line in filter(str.strip, listed.splitlines()):

@@ -151,9 +151,13 @@ def read_only(path: Path):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, ljspeech_dir) -> Path:
     """4 steps of the tiny preset: best.pt, latest.pt, step_2, step_4, export/, metrics.jsonl."""
-    run = tmp_path_factory.mktemp("faults") / "run"
-    r = train(ljspeech_dir, run, "--max_steps", "4")
-    assert r.returncode == 0, r.stderr[-3000:]
+    from conftest import built_once
+
+    def build(run: Path) -> None:
+        r = train(ljspeech_dir, run, "--max_steps", "4")
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run = built_once(tmp_path_factory, "faults_trained_run", build)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["best.pt", "latest.pt", "step_00000002.pt", "step_00000004.pt"], names
     return run
