@@ -43,9 +43,10 @@ $(STAMP): requirements_training.txt requirements_test.txt pyproject.toml
 	touch $(STAMP)
 
 # `make test`: everything not marked slow, in TEST_WORKERS pytest-xdist processes (each test runs
-# single-threaded, so two workers use both cores of a 2-core machine: measured 3.6 min against
-# 7+ min in one process); `make test-all`: the whole suite in one process (CI: the slow tests
-# launch torchrun, kill processes and time collectives, and are kept away from each other).
+# single-threaded, so two workers use both cores of a 2-core machine: about twice as fast as one
+# process; README "Tests" has the measurements); `make test-all`: the whole suite in one process
+# (CI: the slow tests launch torchrun, kill processes and time collectives, and are kept away
+# from each other).
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
