@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -357,9 +356,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # snac decorates a function with torch.jit.script at import; recent torch warns about it on
-    # every run, which would bury our one-line messages.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from training.cli import loaded_types
     from training.config import ConfigError
 

@@ -18,11 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-
-# snac decorates a function with torch.jit.script at import and recent torch warns about it on
-# every run; silence that one warning so our messages stay readable.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 from training.cli import OneLineParser, guard
 from training.config import (DATASET_CONFIGS, FINETUNE_MODES, MODEL_PRESETS, ConfigError, apply_dataset_preset,

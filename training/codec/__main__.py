@@ -9,12 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
-
-# snac decorates a function with torch.jit.script at import and recent torch warns about it.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 from ..cli import OneLineParser, fail, guard
 
