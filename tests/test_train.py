@@ -85,7 +85,7 @@ def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, ljspeech_dir, repl
 
     resumed = run_cli([*common, "--run_dir", str(run)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stderr and f"at step {step_at_kill}" in resumed.stderr
+    assert "resumed from" in resumed.stderr and f"at step {step_at_kill}" in resumed.stderr
     assert "k-means" not in resumed.stderr and "unit variance" not in resumed.stderr  # a resumed one keeps its own
     s1, g1, d1, o1 = _params(tmp_path / "ref" / "checkpoints" / "latest.pt")
     s2, g2, d2, o2 = _params(run / "checkpoints" / "latest.pt")
