@@ -160,6 +160,42 @@ def _tiny_cfg(tmp_path, **overrides):
     return create_training_config(preset="tiny", batch_size=2, overrides={**base, **overrides})
 
 
+@pytest.mark.parametrize("before,after", [(0, 8), (8, 0), (2, 8)])
+def test_resume_that_changes_the_warmup_follows_the_new_schedule(tmp_path, before, after):
+    """A resume may change ``optim.warmup_steps``, which can swap the schedule's class (ExponentialLR
+    without a warm-up, LambdaLR with one) under a checkpoint saved by the other. The resumed run's
+    rates must be those of a run that had the new value from the start (built and stepped here),
+    which is also ``lr x min(1, (step + 1) / warmup) x lr_decay ** step``."""
+    from training.checkpoint import save_checkpoint
+    from training.state import apply_optim_config
+
+    cpu = torch.device("cpu")
+    n = _tiny_cfg(tmp_path).segment_length()
+    batches = [{"audio": 0.1 * torch.randn(2, 1, n)} for _ in range(4)]
+    old = build_state(_tiny_cfg(tmp_path, **{"optim.warmup_steps": before}), cpu)
+    for b in batches[:3]:
+        train_step(old, b)
+    path = save_checkpoint(old)
+    cfg = _tiny_cfg(tmp_path, **{"optim.warmup_steps": after})
+    resumed, uninterrupted = build_state(cfg, cpu), build_state(cfg, cpu)
+    load_checkpoint(resumed, path)
+    apply_optim_config(resumed)
+    for b in batches[:3]:
+        train_step(uninterrupted, b)
+    o = cfg.optim
+
+    def rate(step):
+        return o.lr * min(1.0, (step + 1) / after if after else 1.0) * o.lr_decay ** step
+
+    for step in (3, 4):
+        for state in (resumed, uninterrupted):
+            for opt in (state.opt_g, state.opt_d):
+                assert state.step == step
+                assert opt.param_groups[0]["lr"] == pytest.approx(rate(step), rel=1e-12), (state is resumed, step)
+        for state in (resumed, uninterrupted):
+            train_step(state, batches[3])
+
+
 @pytest.mark.parametrize("fused", [True, False])  # skip decided on the device / on the host
 def test_nonfinite_batch_is_skipped_and_counted(tmp_path, fused):
     cfg = _tiny_cfg(tmp_path, **{"optim.fused": fused})

@@ -336,8 +336,8 @@ def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
         first = first_line(e)
         raise TrainingError(f"{path} does not fit this run ({first[:160]}); train.freeze_encoder / "
                             "freeze_quantizer must match the checkpoint, or use --no-resume") from None
-    state.sched_g.load_state_dict(ckpt["sched_g"])
-    state.sched_d.load_state_dict(ckpt["sched_d"])
+    _load_schedule(state.sched_g, ckpt["sched_g"])
+    _load_schedule(state.sched_d, ckpt["sched_d"])
     state.step = int(ckpt["step"])
     state.best_mel = float(ckpt["best_mel"])
     state.nonfinite_total = int(ckpt["nonfinite_total"])
@@ -347,6 +347,19 @@ def load_checkpoint(state: TrainState, path, loader=None, source=None) -> None:
     if loader is not None and ckpt.get("data") is not None and hasattr(loader, "load_state_dict"):
         loader.load_state_dict(ckpt["data"])
     _set_rng_state(_own_rng_state(ckpt, state))
+
+
+def _load_schedule(sched: torch.optim.lr_scheduler.LRScheduler, saved: Dict[str, Any]) -> None:
+    """Restore a learning-rate schedule's position, also from the other schedule class.
+
+    A resume that turns ``optim.warmup_steps`` on or off builds the other class (LambdaLR with a
+    warm-up, ExponentialLR without) than the one that saved the checkpoint. LambdaLR refuses a
+    state without its ``lr_lambdas`` entry; there is nothing of it to restore (its lambda comes
+    from the config), so the entry is given empty. The step counter carries over either way, and
+    the resume then sets the rates the new config defines (``state.apply_optim_config``)."""
+    if isinstance(sched, torch.optim.lr_scheduler.LambdaLR) and "lr_lambdas" not in saved:
+        saved = {**saved, "lr_lambdas": [None] * len(sched.lr_lambdas)}
+    sched.load_state_dict(saved)
 
 
 def gather_rng_states(state: TrainState) -> None:
