@@ -161,7 +161,9 @@ def test_data_dependent_init_standardises_every_encoder_conv(speech):
 def test_data_dependent_init_in_one_pass_equals_one_pass_per_convolution(speech):
     """init_encoder_from_data standardises every convolution during a single forward pass; the
     reference here does it the slow, plain way (a whole encoder pass over each batch per
-    convolution, moments over all batches, then rescale) and every tensor must come out the same."""
+    convolution, moments over all batches, then rescale) and every tensor must come out the same,
+    up to float rounding (one convolution over the batches together may round differently from
+    one per batch: measured at most 6e-8 here)."""
     from training.codebooks import _channel_moments, _standardise_conv
     from training.model import pad_to_unit
 
@@ -169,7 +171,7 @@ def test_data_dependent_init_in_one_pass_equals_one_pass_per_convolution(speech)
     torch.manual_seed(0)
     model = build_generator(cfg.model, init="dac")
     reference = copy.deepcopy(model)
-    batches = [speech[:3, :, :8192], speech[3:5, :, :8192], speech[5:9, :, :8192]]
+    batches = [speech[:4, :, :8192], speech[4:6, :, :8192], speech[6:12, :, :8192], speech[:4, :, 8192:]]
     with torch.no_grad():
         inputs = [pad_to_unit(reference, b) for b in batches]
         for conv in [m for m in reference.encoder.modules() if isinstance(m, torch.nn.Conv1d)]:
@@ -184,7 +186,7 @@ def test_data_dependent_init_in_one_pass_equals_one_pass_per_convolution(speech)
     got, want = model.state_dict(), reference.state_dict()
     assert got.keys() == want.keys()
     for key in want:
-        assert torch.equal(got[key], want[key]), key
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6, msg=key)
     rescaled = [k for k in want if k.startswith("encoder.") and not torch.equal(want[k], untouched[k])]
     assert len(rescaled) >= 60  # 30 convolutions' bias and weight-norm gain (and more): not a no-op
 
