@@ -199,9 +199,9 @@ def init_encoder_from_data(model: snac.SNAC, batches: List[Tensor]) -> int:
     unit-variance on ``batches`` (audio (B_i, 1, T) at the model's rate, one T for all), the
     earlier ones already rescaled. Why: at PyTorch's initialisation the encoder's activations
     shrink layer after layer (the tiny preset's output RMS is ~0.004), while Adam moves every bias
-    by about the learning rate each step. Within ten warm-up steps at lr 1e-3 those biases put a common
-    offset on every frame far larger than the frames' spread, every latent points the same way
-    (mean fraction 0.97), and the cosine code search sends every frame to one or two codes. At
+    by about the learning rate each step. Within ten warm-up steps at lr 1e-3 those biases put a
+    common offset on every frame far larger than the frames' spread, every latent points the same
+    way (mean fraction 0.97), and the cosine code search sends every frame to one or two codes. At
     unit scale the same steps are a small relative change. Under DDP the moments are summed over
     ranks, so every rank writes the same weights. Returns the number of convolutions set.
     """
@@ -217,10 +217,10 @@ def init_encoder_from_data(model: snac.SNAC, batches: List[Tensor]) -> int:
     # One pass over all batches at once, each convolution standardised as the pass reaches it:
     # the same weights as one pass per batch and convolution (30 convolutions in the tiny
     # preset), up to float rounding (a convolution over the batches together may round its last
-    # bit differently; measured: at most 6e-8 on 16 batches of 4), at the memory of one no-grad
-    # forward of the batches together. That is less than a training step
-    # needs: 24 kHz preset on CPU, 16 batches of 2 x 0.8 s: 0.8 GB peak, against 2.2 GB for the
-    # generator's forward and backward on one such batch.
+    # bit differently; measured: at most 6e-8 on 16 batches of 4). It holds one no-grad forward
+    # of all the batches together, less than a training step needs: 24 kHz preset on CPU, 16
+    # batches of 2 x 0.8 s: 0.8 GB peak, against 2.2 GB for the generator's forward and backward
+    # on one such batch.
     handles = [conv.register_forward_hook(standardise) for conv in convs]
     try:
         model.encoder(torch.cat([pad_to_unit(model, audio.float()) for audio in batches]))
